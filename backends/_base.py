@@ -1,0 +1,274 @@
+"""The interface every usage store implements, and the work they share."""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import attrs
+
+from tokmeter._record import UsageRecord
+from tokmeter.errors import InvalidWorkspaceError, StoreError
+
+GroupBy = Literal["model", "day", "track_id"]
+GROUP_BY_CHOICES: tuple[str, ...] = ("model", "day", "track_id")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def validate_workspace(workspace: str) -> str:
+    """Return ``workspace`` unchanged if it is a usable name, else raise.
+
+    The empty string is LightRAG's default workspace. A name is one path component
+    without control characters, at most 200 characters. Anything else (quotes, ``$``,
+    dots, SQL) is stored and matched literally by every backend.
+    """
+    if not isinstance(workspace, str):
+        raise InvalidWorkspaceError(f"workspace must be a string, not {type(workspace).__name__}")
+    if len(workspace) > 200:
+        raise InvalidWorkspaceError("workspace name is longer than 200 characters")
+    if workspace in (".", "..") or "/" in workspace or "\\" in workspace:
+        raise InvalidWorkspaceError(
+            f"workspace {workspace!r} is not a single path component (no '/', '\\', '.', '..')"
+        )
+    if _CONTROL.search(workspace):
+        raise InvalidWorkspaceError(f"workspace {workspace!r} contains control characters")
+    return workspace
+
+
+@attrs.define(frozen=True)
+class DocumentUsage:
+    """One document's doc-status facts plus its token usage (``None`` if never metered)."""
+
+    doc_id: str
+    workspace: str
+    status: str
+    track_id: str | None
+    file_path: str | None
+    usage: UsageRecord | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "doc_id": self.doc_id,
+            "workspace": self.workspace,
+            "status": self.status,
+            "track_id": self.track_id,
+            "file_path": self.file_path,
+            "token_usage": self.usage.to_dict() if self.usage is not None else None,
+        }
+
+
+@attrs.define(frozen=True)
+class UsageTotals:
+    """Summed usage of a group of documents (one row of :meth:`UsageStore.aggregate`)."""
+
+    key: str | None
+    documents: int = 0
+    llm_input_tokens: int = 0
+    llm_output_tokens: int = 0
+    embedding_tokens: int = 0
+    total_tokens: int = 0
+    llm_calls: int = 0
+    embedding_calls: int = 0
+    llm_cache_hits: int = 0
+    estimated_documents: int = 0
+    incomplete_documents: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def status_text(status: Any) -> str:
+    return str(getattr(status, "value", status)).lower()
+
+
+def usage_from_metadata(metadata: Any) -> UsageRecord | None:
+    """Read ``metadata["token_usage"]`` (returns ``None`` when absent or unreadable)."""
+    if not isinstance(metadata, Mapping):
+        return None
+    raw = metadata.get("token_usage")
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        return UsageRecord.from_dict(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+def epoch(value: dt.datetime | int | float | None) -> int | None:
+    """Unix seconds of a datetime (naive = UTC) or a number."""
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return int(value.timestamp())
+    return int(value)
+
+
+def day_of(epoch_seconds: int | None) -> str | None:
+    if epoch_seconds is None:
+        return None
+    return dt.datetime.fromtimestamp(epoch_seconds, dt.timezone.utc).date().isoformat()
+
+
+def sum_usage(rows: Iterable[tuple[str | None, UsageRecord]]) -> list[UsageTotals]:
+    """Fold ``(key, record)`` pairs into totals per key, sorted by key."""
+    acc: dict[str | None, dict[str, int]] = {}
+    for key, record in rows:
+        t = acc.setdefault(key, dict.fromkeys(
+            ("documents", "llm_input_tokens", "llm_output_tokens", "embedding_tokens",
+             "total_tokens", "llm_calls", "embedding_calls", "llm_cache_hits",
+             "estimated_documents", "incomplete_documents"), 0))
+        t["documents"] += 1
+        t["llm_input_tokens"] += record.llm_input_tokens or 0
+        t["llm_output_tokens"] += record.llm_output_tokens or 0
+        t["embedding_tokens"] += record.embedding_tokens or 0
+        t["total_tokens"] += record.total_tokens or 0
+        t["llm_calls"] += record.llm_calls
+        t["embedding_calls"] += record.embedding_calls
+        t["llm_cache_hits"] += record.llm_cache_hits
+        t["estimated_documents"] += int(record.estimated)
+        t["incomplete_documents"] += int(not record.complete)
+    return [UsageTotals(key=k, **v) for k, v in sorted(acc.items(), key=lambda kv: str(kv[0]))]
+
+
+class UsageStore(abc.ABC):
+    """Reads and writes ``metadata["token_usage"]`` in one workspace of a doc-status store.
+
+    Public methods validate their arguments and delegate to the ``_``-prefixed
+    methods each backend implements. Every operation is confined to
+    :attr:`workspace`.
+    """
+
+    #: Short backend name (``"json"``, ``"postgres"``, ``"mongo"``).
+    backend: str = "?"
+
+    def __init__(self, workspace: str) -> None:
+        self.workspace = validate_workspace(workspace)
+
+    async def __aenter__(self) -> UsageStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Connect / load. Called by ``async with``; idempotent."""
+
+    async def close(self) -> None:
+        """Release connections this store opened itself (never the caller's)."""
+
+    async def get_usage(self, doc_id: str) -> DocumentUsage | None:
+        """One document's usage (``None`` if the document does not exist)."""
+        _check_id(doc_id, "doc_id")
+        return await self._get(doc_id)
+
+    async def usage_for_track(self, track_id: str) -> list[DocumentUsage]:
+        """Usage of every document uploaded under ``track_id``, sorted by doc_id."""
+        _check_id(track_id, "track_id")
+        found = await self._list_track(track_id)
+        return sorted(found, key=lambda d: d.doc_id)
+
+    async def write_usage(self, doc_id: str, record: UsageRecord) -> bool:
+        """Replace a document's ``token_usage`` with a newer snapshot of the same run.
+
+        Written only if the stored record has the same ``run_id`` and a lower
+        ``revision`` (so a retried or out-of-order write is harmless, and a document
+        that was reset or reprocessed is left alone). Other metadata keys are never
+        touched. Returns whether the record was written.
+        """
+        _check_id(doc_id, "doc_id")
+        if record.run_id is None:
+            raise StoreError("write_usage() needs a record with a run_id")
+        return await self._write(doc_id, record)
+
+    async def aggregate(
+        self,
+        *,
+        since: dt.datetime | int | None = None,
+        until: dt.datetime | int | None = None,
+        group_by: str | None = None,
+        track_id: str | None = None,
+    ) -> list[UsageTotals]:
+        """Totals of the workspace's metered documents.
+
+        Args:
+            since: Only documents whose processing ended at or after this time.
+            until: Only documents whose processing ended before this time.
+            group_by: ``"model"`` (per-model tokens and calls), ``"day"`` (UTC day of
+                processing end), ``"track_id"``, or ``None`` for one total row.
+            track_id: Only documents of this upload.
+        """
+        if group_by is not None and group_by not in GROUP_BY_CHOICES:
+            raise StoreError(
+                f"group_by must be one of {', '.join(GROUP_BY_CHOICES)} (or None), "
+                f"not {group_by!r}"
+            )
+        if track_id is not None:
+            _check_id(track_id, "track_id")
+        return await self._aggregate(epoch(since), epoch(until), group_by, track_id)
+
+    async def workspace_exists(self) -> bool:
+        """Whether the store holds any doc-status data for this workspace."""
+        return await self._workspace_exists()
+
+    # -- backend hooks -----------------------------------------------------------
+    @abc.abstractmethod
+    async def _get(self, doc_id: str) -> DocumentUsage | None: ...
+
+    @abc.abstractmethod
+    async def _list_track(self, track_id: str) -> list[DocumentUsage]: ...
+
+    @abc.abstractmethod
+    async def _write(self, doc_id: str, record: UsageRecord) -> bool: ...
+
+    @abc.abstractmethod
+    async def _aggregate(
+        self, since: int | None, until: int | None, group_by: str | None, track_id: str | None
+    ) -> list[UsageTotals]: ...
+
+    @abc.abstractmethod
+    async def _workspace_exists(self) -> bool: ...
+
+
+def _check_id(value: Any, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise StoreError(f"{what} must be a non-empty string, not {value!r}")
+
+
+def group_records(
+    records: list[tuple[str | None, UsageRecord]], group_by: str | None
+) -> list[UsageTotals]:
+    """Aggregate in Python (used by the JSON store, which has no query engine)."""
+    if group_by != "model":
+        return sum_usage(records)
+    per_model: dict[str, dict[str, Any]] = {}
+    for _, record in records:
+        for name, usage in record.models.items():
+            t = per_model.setdefault(
+                name, {"kind": usage.kind, "documents": 0, "in": 0, "out": 0, "calls": 0}
+            )
+            t["documents"] += 1
+            t["in"] += usage.input_tokens or 0
+            t["out"] += usage.output_tokens or 0
+            t["calls"] += usage.calls
+    rows = []
+    for name in sorted(per_model):
+        t = per_model[name]
+        embedding = t["kind"] == "embedding"
+        rows.append(UsageTotals(
+            key=name,
+            documents=t["documents"],
+            llm_input_tokens=0 if embedding else t["in"],
+            llm_output_tokens=0 if embedding else t["out"],
+            embedding_tokens=t["in"] if embedding else 0,
+            total_tokens=t["in"] + t["out"],
+            llm_calls=0 if embedding else t["calls"],
+            embedding_calls=t["calls"] if embedding else 0,
+        ))
+    return rows

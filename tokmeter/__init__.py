@@ -1,0 +1,58 @@
+"""tokmeter: per-document LLM and embedding token metering for LightRAG.
+
+Decorate your model functions with :func:`metered`, hand them to ``LightRAG(...)``,
+call :func:`instrument` on the instance, and every document's doc-status record
+carries ``metadata["token_usage"]``.
+"""
+
+from __future__ import annotations
+
+from tokmeter._context import (
+    current_scope,
+    reset_unattributed,
+    scope,
+    unattributed_usage,
+)
+from tokmeter._estimate import count_tokens
+from tokmeter._instrument import Instrumentation, instrument, instrumentation_of, uninstrument
+from tokmeter._metered import ProviderUsage, apportion, metered
+from tokmeter._offline import install_tiktoken_rank_files
+from tokmeter._record import SCHEMA_VERSION, ModelUsage, UsageRecord, UsageScope
+from tokmeter.errors import (
+    IncompatibleLightRAGError,
+    InstrumentationError,
+    InvalidWorkspaceError,
+    StoreError,
+    StoreUnavailableError,
+    TokmeterError,
+    UnknownWorkspaceError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "IncompatibleLightRAGError",
+    "Instrumentation",
+    "InstrumentationError",
+    "InvalidWorkspaceError",
+    "ModelUsage",
+    "ProviderUsage",
+    "StoreError",
+    "StoreUnavailableError",
+    "TokmeterError",
+    "UnknownWorkspaceError",
+    "UsageRecord",
+    "UsageScope",
+    "apportion",
+    "count_tokens",
+    "current_scope",
+    "install_tiktoken_rank_files",
+    "instrument",
+    "instrumentation_of",
+    "metered",
+    "reset_unattributed",
+    "scope",
+    "unattributed_usage",
+    "uninstrument",
+]
