@@ -15,7 +15,7 @@ from tokmeter._context import (
 )
 from tokmeter._estimate import count_tokens
 from tokmeter._instrument import Instrumentation, instrument, instrumentation_of, uninstrument
-from tokmeter._metered import ProviderUsage, apportion, metered
+from tokmeter._metered import ProviderUsage, apportion, current_usage_sink, metered
 from tokmeter._offline import install_tiktoken_rank_files
 from tokmeter._record import SCHEMA_VERSION, ModelUsage, UsageRecord, UsageScope
 from tokmeter.errors import (
@@ -47,6 +47,7 @@ __all__ = [
     "apportion",
     "count_tokens",
     "current_scope",
+    "current_usage_sink",
     "install_tiktoken_rank_files",
     "instrument",
     "instrumentation_of",

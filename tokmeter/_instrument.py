@@ -278,6 +278,8 @@ class Instrumentation:
         chunks = payload.get("chunks_count")
         if isinstance(chunks, int):
             usage.set_chunks(chunks)
+            if chunks == 0 and _status_value(payload.get("status")) == "processed":
+                usage.add_fault("empty document: LightRAG made no chunks, nothing to meter")
         usage.stop()
         record = usage.snapshot().to_dict()
         metadata = payload.get("metadata")

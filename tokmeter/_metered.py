@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
 import math
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import attrs
@@ -176,6 +177,21 @@ def _accepts_token_tracker(fn: Callable[..., Any]) -> bool:
     )
 
 
+_current_sink: contextvars.ContextVar[ProviderUsage | None] = contextvars.ContextVar(
+    "tokmeter_usage_sink", default=None
+)
+
+
+def current_usage_sink() -> ProviderUsage | None:
+    """The usage sink of the metered call running now (``None`` outside one).
+
+    For code between a metered function and a provider binding that cannot take a
+    ``token_tracker`` keyword through the function's own signature: pass this sink to
+    the binding and its reports count for the running call.
+    """
+    return _current_sink.get()
+
+
 class _Call:
     """Bookkeeping of one call of a metered function."""
 
@@ -187,10 +203,9 @@ class _Call:
         self.kwargs = kwargs
         self.scope = billing_scope()
         self.owners = embedding_owners.get() if spec.kind == "embedding" else None
-        self.sink: ProviderUsage | None = None
         self.recorded = False
+        self.sink: ProviderUsage = ProviderUsage(forward=kwargs.get("token_tracker"))
         if spec.passes_token_tracker:
-            self.sink = ProviderUsage(forward=kwargs.get("token_tracker"))
             self.kwargs = {**kwargs, "token_tracker": self.sink}
 
     # -- inputs -------------------------------------------------------------
@@ -274,10 +289,9 @@ class _Call:
             model = self.model(result)
             provider: tuple[int, int] | None = None
             problems: list[str] = []
-            if self.sink is not None:
-                problems.extend(self.sink.problems)
-                if self.sink.reports:
-                    provider = (self.sink.input_tokens, self.sink.output_tokens)
+            problems.extend(self.sink.problems)
+            if self.sink.reports:
+                provider = (self.sink.input_tokens, self.sink.output_tokens)
             if provider is None:
                 for usage in (stream_usage, None if failed else _usage_of(result)):
                     if usage is None:
@@ -317,11 +331,10 @@ class _Call:
             model = self.model(result)
             texts = self._embedding_texts()
             provider_total: int | None = None
-            if self.sink is not None:
-                for problem in self.sink.problems:
-                    self.scope.add_fault(problem)
-                if self.sink.reports:
-                    provider_total = self.sink.input_tokens + self.sink.output_tokens
+            for problem in self.sink.problems:
+                self.scope.add_fault(problem)
+            if self.sink.reports:
+                provider_total = self.sink.input_tokens + self.sink.output_tokens
             if provider_total is None and not failed:
                 usage = _usage_of(result)
                 if usage is not None:
@@ -455,7 +468,13 @@ def _is_stream(result: Any) -> bool:
     return hasattr(result, "__aiter__") and not isinstance(result, (str, bytes, Mapping))
 
 
-def metered(kind: str, *, model: str | None = None, encoding: str | None = None) -> Callable[[F], F]:
+def metered(
+    kind: str,
+    *,
+    model: str | None = None,
+    encoding: str | None = None,
+    token_tracker: bool | None = None,
+) -> Callable[[F], F]:
     """Meter the token usage of a model function.
 
     Args:
@@ -464,6 +483,10 @@ def metered(kind: str, *, model: str | None = None, encoding: str | None = None)
             model the provider's response names.
         encoding: tiktoken encoding for estimates (default: chosen from the model
             name, ``o200k_base`` for models tiktoken does not know).
+        token_tracker: Pass a usage sink as the ``token_tracker`` keyword: ``None``
+            (default) when the function declares that parameter, ``True`` always
+            (for a ``**kwargs`` function that forwards it to a binding), ``False`` never.
+            During the call the sink is also available as :func:`current_usage_sink`.
 
     Usage comes from the provider when possible: a function that accepts a
     ``token_tracker`` keyword (LightRAG's openai, ollama and gemini bindings do)
@@ -498,7 +521,9 @@ def metered(kind: str, *, model: str | None = None, encoding: str | None = None)
             kind=cast(Kind, kind),
             model=model,
             encoding=encoding,
-            passes_token_tracker=_accepts_token_tracker(fn),
+            passes_token_tracker=(
+                _accepts_token_tracker(fn) if token_tracker is None else bool(token_tracker)
+            ),
         )
         try:
             signature: inspect.Signature | None = inspect.signature(fn)
@@ -513,11 +538,14 @@ def metered(kind: str, *, model: str | None = None, encoding: str | None = None)
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 call = _Call(spec, signature, args, kwargs)
+                sink_token = _current_sink.set(call.sink)
                 try:
                     result = await fn(*args, **call.kwargs)
                 except BaseException:
                     call.record(None, failed=True)
                     raise
+                finally:
+                    _current_sink.reset(sink_token)
                 return _finish(call, result)
 
             wrapper: Callable[..., Any] = async_wrapper
@@ -525,11 +553,14 @@ def metered(kind: str, *, model: str | None = None, encoding: str | None = None)
             @functools.wraps(fn)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
                 call = _Call(spec, signature, args, kwargs)
+                sink_token = _current_sink.set(call.sink)
                 try:
                     result = fn(*args, **call.kwargs)
                 except BaseException:
                     call.record(None, failed=True)
                     raise
+                finally:
+                    _current_sink.reset(sink_token)
                 if inspect.isawaitable(result):
                     return _await_then_finish(call, result)
                 return _finish(call, result)
@@ -568,5 +599,3 @@ def spec_of(fn: Any) -> MeterSpec | None:
         seen += 1
     return None
 
-
-_ = AsyncIterator  # re-exported for type checkers of stream consumers

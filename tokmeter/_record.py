@@ -17,6 +17,33 @@ Kind = Literal["llm", "embedding"]
 ScopeKind = Literal["document", "custom", "query", "unattributed"]
 
 
+# Observers see every addition to any scope (used by tokmeter.testing.capture_usage).
+UsageObserver = Callable[["UsageScope", str, str, "int | None", "int | None", bool], None]
+_observers: list[UsageObserver] = []
+_observers_lock = threading.Lock()
+
+
+def add_observer(observer: UsageObserver) -> None:
+    with _observers_lock:
+        _observers.append(observer)
+
+
+def remove_observer(observer: UsageObserver) -> None:
+    with _observers_lock:
+        if observer in _observers:
+            _observers.remove(observer)
+
+
+def _tell_observers(
+    scope: UsageScope, kind: str, model: str, inp: int | None, out: int | None, estimated: bool
+) -> None:
+    for observer in list(_observers):
+        try:
+            observer(scope, kind, model, inp, out, estimated)
+        except Exception:  # an observer must never break metering
+            pass
+
+
 def _add(a: int | None, b: int | None) -> int | None:
     """Sum two counts where ``None`` means unknown: unknown stays unknown."""
     if a is None or b is None:
@@ -196,6 +223,8 @@ class UsageScope:
             self._bump_model(model, "llm", input_tokens, output_tokens, 1)
             self._estimated = self._estimated or estimated
             self._revision += 1
+        if _observers:
+            _tell_observers(self, "llm", model, input_tokens, output_tokens, estimated)
         self._notify()
 
     def add_embedding(self, model: str, tokens: int | None, *, estimated: bool) -> None:
@@ -206,6 +235,8 @@ class UsageScope:
             self._bump_model(model, "embedding", tokens, 0, 1)
             self._estimated = self._estimated or estimated
             self._revision += 1
+        if _observers:
+            _tell_observers(self, "embedding", model, tokens, 0, estimated)
         self._notify()
 
     def add_cache_hit(self) -> None:
