@@ -70,10 +70,11 @@ init_dir() {
 }
 
 # Serialise concurrent invocations (e.g. several test workers calling `start`).
+# Every server is launched with fd 9 closed (`9>&-`) so that it does not inherit the lock.
 take_lock() {
     if command -v flock >/dev/null 2>&1; then
         exec 9>"$DIR/.lock"
-        flock -w 600 9 || die "could not take $DIR/.lock"
+        flock -w 300 9 || die "could not take $DIR/.lock"
     fi
 }
 
@@ -127,9 +128,9 @@ service_port() {
 
 as_pg() {
     if [ "$IS_ROOT" -eq 1 ]; then
-        (cd / && runuser -u postgres -- "$@")
+        (cd / && runuser -u postgres -- "$@" 9>&-)
     else
-        (cd / && "$@")
+        (cd / && "$@" 9>&-)
     fi
 }
 
@@ -388,7 +389,7 @@ with open(sys.argv[1], "ab") as log:
                          start_new_session=True, cwd="/")
 print(p.pid)
 PY
-)
+9>&-)
     echo "$pid" >"$DIR/mongo.pid"
     if ! mongo_wait "$pid" "$MONGO_PORT"; then
         tail -n 20 "$DIR/mongo.log" >&2 || true

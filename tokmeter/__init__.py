@@ -57,3 +57,20 @@ __all__ = [
     "unattributed_usage",
     "uninstrument",
 ]
+
+
+def _install_rank_files_quietly() -> None:
+    # LightRAG builds its tiktoken tokenizer when LightRAG(...) is constructed, before
+    # any tokmeter code runs: the rank files must be in place as soon as tokmeter is
+    # imported, or that first use tries to download them.
+    import logging
+
+    try:
+        install_tiktoken_rank_files()
+    except Exception as exc:  # never make `import tokmeter` fail
+        logging.getLogger("tokmeter").warning(
+            "tokmeter: could not install tiktoken's rank files for offline use: %s", exc
+        )
+
+
+_install_rank_files_quietly()

@@ -213,9 +213,11 @@ class _Call:
         if self.signature is None:
             return self.kwargs
         try:
-            return self.signature.bind_partial(*self.args, **self.kwargs).arguments
+            bound = self.signature.bind_partial(*self.args, **self.kwargs)
         except TypeError:
             return self.kwargs
+        bound.apply_defaults()
+        return bound.arguments
 
     def model(self, result: Any = None) -> str:
         if self.spec.model:
