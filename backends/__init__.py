@@ -17,6 +17,7 @@ from tokmeter.backends._base import (
     validate_workspace,
 )
 from tokmeter.backends.jsonkv import JsonUsageStore
+
 from tokmeter.errors import StoreError
 
 __all__ = [

@@ -98,7 +98,7 @@ def usage_from_metadata(metadata: Any) -> UsageRecord | None:
         return None
 
 
-def epoch(value: dt.datetime | int | float | None) -> int | None:
+def epoch(value: dt.datetime | float | None) -> int | None:
     """Unix seconds of a datetime (naive = UTC) or a number."""
     if value is None:
         return None
@@ -157,10 +157,10 @@ class UsageStore(abc.ABC):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def open(self) -> None:
+    async def open(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Connect / load. Called by ``async with``; idempotent."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections this store opened itself (never the caller's)."""
 
     async def get_usage(self, doc_id: str) -> DocumentUsage | None:

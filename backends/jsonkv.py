@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tokmeter._record import UsageRecord
 from tokmeter.backends._base import (
     DocumentUsage,
     UsageStore,
@@ -21,6 +20,8 @@ from tokmeter.backends._base import (
     status_text,
     usage_from_metadata,
 )
+
+from tokmeter._record import UsageRecord
 from tokmeter.errors import StoreUnavailableError, UnknownWorkspaceError
 
 DOC_STATUS_FILE = "kv_store_doc_status.json"
@@ -108,7 +109,8 @@ class JsonUsageStore(UsageStore):
         return self._document(doc_id, row) if isinstance(row, dict) else None
 
     async def _list_track(self, track_id: str) -> list[DocumentUsage]:
-        return [self._document(k, r) for k, r in await self._rows() if r.get("track_id") == track_id]
+        rows = await self._rows()
+        return [self._document(k, r) for k, r in rows if r.get("track_id") == track_id]
 
     async def _write(self, doc_id: str, record: UsageRecord) -> bool:
         await self.open()

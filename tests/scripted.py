@@ -63,9 +63,15 @@ class ScriptedModels:
             texts' own counts (tokmeter must still hand out the batch total exactly).
     """
 
-    def __init__(self, *, report_usage: bool = True, fail_marker: str | None = None,
-                 flaky_first_attempt: bool = False, embedding_extra: int = 0,
-                 delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        report_usage: bool = True,
+        fail_marker: str | None = None,
+        flaky_first_attempt: bool = False,
+        embedding_extra: int = 0,
+        delay: float = 0.0,
+    ) -> None:
         self.report_usage = report_usage
         self.fail_marker = fail_marker
         self.flaky_first_attempt = flaky_first_attempt
@@ -77,15 +83,19 @@ class ScriptedModels:
         self._seen_prompts: set[str] = set()
 
     # -- the model functions ----------------------------------------------------
-    def answer_for(self, prompt: str, system_prompt: str | None,
-                   history: list[dict[str, Any]] | None) -> str:
+    def answer_for(
+        self, prompt: str, system_prompt: str | None, history: list[dict[str, Any]] | None
+    ) -> str:
         docs = markers_in(prompt, system_prompt, history)
         m = sorted(docs)[0] if docs else "DOCXXX"
         names = [f"Unit {m} Alpha", f"Unit {m} Beta", f"Unit {m} Gamma"]
-        rows = [f"entity<|#|>{n}<|#|>Organization<|#|>{n} is a team named in record {m}."
-                for n in names]
-        rows += [f"relation<|#|>{a}<|#|>{b}<|#|>cooperation<|#|>{a} works with {b} in record {m}."
-                 for a, b in zip(names, names[1:])]
+        rows = [
+            f"entity<|#|>{n}<|#|>Organization<|#|>{n} is a team named in record {m}." for n in names
+        ]
+        rows += [
+            f"relation<|#|>{a}<|#|>{b}<|#|>cooperation<|#|>{a} works with {b} in record {m}."
+            for a, b in zip(names, names[1:], strict=False)
+        ]
         rows.append("<|COMPLETE|>")
         return "\n".join(rows)
 
@@ -93,12 +103,22 @@ class ScriptedModels:
         """Deterministic provider figures, deliberately not equal to a tiktoken count."""
         return len(prompt) // 4 + len(system_prompt or "") // 5 + 7, len(answer) // 3 + 2
 
-    def llm_sync(self, prompt: str, system_prompt: str | None = None,
-                 history_messages: list[dict[str, Any]] | None = None,
-                 token_tracker: Any = None, **kwargs: Any) -> str:
+    def llm_sync(
+        self,
+        prompt: str,
+        system_prompt: str | None = None,
+        history_messages: list[dict[str, Any]] | None = None,
+        token_tracker: Any = None,
+        **kwargs: Any,
+    ) -> str:
         docs = markers_in(prompt, system_prompt, history_messages)
-        entry: dict[str, Any] = {"docs": docs, "failed": False, "reported": None,
-                                 "prompt": prompt[:200], "history": str(history_messages)[:200]}
+        entry: dict[str, Any] = {
+            "docs": docs,
+            "failed": False,
+            "reported": None,
+            "prompt": prompt[:200],
+            "history": str(history_messages)[:200],
+        }
         try:
             if self.fail_marker and self.fail_marker in docs:
                 raise RuntimeError(f"scripted failure for {self.fail_marker}")
@@ -112,8 +132,9 @@ class ScriptedModels:
             answer = self.answer_for(prompt, system_prompt, history_messages)
             inp, out = self.reported(prompt, system_prompt, answer)
             if self.report_usage and token_tracker is not None:
-                token_tracker.add_usage({"prompt_tokens": inp, "completion_tokens": out,
-                                         "total_tokens": inp + out})
+                token_tracker.add_usage(
+                    {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
+                )
                 entry["reported"] = (inp, out)
             return answer
         except Exception:
@@ -123,9 +144,14 @@ class ScriptedModels:
             with self._lock:
                 self.llm_log.append(entry)
 
-    async def llm(self, prompt: str, system_prompt: str | None = None,
-                  history_messages: list[dict[str, Any]] | None = None,
-                  token_tracker: Any = None, **kwargs: Any) -> str:
+    async def llm(
+        self,
+        prompt: str,
+        system_prompt: str | None = None,
+        history_messages: list[dict[str, Any]] | None = None,
+        token_tracker: Any = None,
+        **kwargs: Any,
+    ) -> str:
         if self.delay:
             await asyncio.sleep(self.delay)
         else:
@@ -139,10 +165,14 @@ class ScriptedModels:
         if self.report_usage and token_tracker is not None:
             token_tracker.add_usage({"prompt_tokens": total, "total_tokens": total})
         with self._lock:
-            self.embedding_batches.append({
-                "texts": [(sorted(markers_in(t)), c) for t, c in zip(texts, counts)],
-                "total": total,
-            })
+            self.embedding_batches.append(
+                {
+                    "texts": [
+                        (sorted(markers_in(t)), c) for t, c in zip(texts, counts, strict=True)
+                    ],
+                    "total": total,
+                }
+            )
         vectors = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
         for row, text in enumerate(texts):
             digest = hashlib.sha256(text.encode()).digest()
@@ -152,8 +182,9 @@ class ScriptedModels:
     # -- ground truth -------------------------------------------------------------
     def llm_truth(self) -> dict[str, dict[str, int]]:
         """Per document: reported input/output tokens and attempts."""
-        truth: dict[str, dict[str, int]] = defaultdict(lambda: {"in": 0, "out": 0, "calls": 0,
-                                                                "failed": 0})
+        truth: dict[str, dict[str, int]] = defaultdict(
+            lambda: {"in": 0, "out": 0, "calls": 0, "failed": 0}
+        )
         for entry in self.llm_log:
             assert len(entry["docs"]) == 1, f"a prompt named {entry}"
             (doc,) = entry["docs"]

@@ -23,8 +23,9 @@ def completion(text: str, usage: Any = None) -> dict[str, Any]:
 
 
 async def test_signature_and_metadata_are_kept() -> None:
-    async def my_llm(prompt: str, system_prompt: str | None = None, *, temperature: float = 0.0,
-                     **kwargs: Any) -> str:
+    async def my_llm(
+        prompt: str, system_prompt: str | None = None, *, temperature: float = 0.0, **kwargs: Any
+    ) -> str:
         """My docstring."""
         return "ok"
 
@@ -47,7 +48,9 @@ def test_bad_arguments_are_refused_clearly() -> None:
 async def test_provider_usage_through_token_tracker_wins() -> None:
     @tokmeter.metered("llm", model="gpt-4o-mini")
     async def llm(prompt: str, token_tracker: Any = None, **kwargs: Any) -> str:
-        token_tracker.add_usage({"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150})
+        token_tracker.add_usage(
+            {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150}
+        )
         return "x" * 1000
 
     async with tokmeter.scope("job") as usage:
@@ -86,14 +89,18 @@ async def test_openai_style_usage_on_the_result_is_read() -> None:
 
 async def test_no_usage_means_a_flagged_tiktoken_estimate() -> None:
     @tokmeter.metered("llm", model="gpt-4o")
-    async def llm(prompt: str, system_prompt: str | None = None,
-                  history_messages: list[dict[str, str]] | None = None) -> str:
+    async def llm(
+        prompt: str,
+        system_prompt: str | None = None,
+        history_messages: list[dict[str, str]] | None = None,
+    ) -> str:
         return "The capital of France is Paris."
 
     history = [{"role": "user", "content": "earlier question"}]
     with tokmeter.scope("s") as usage:
-        await llm("What is the capital of France?", system_prompt="Be brief.",
-                  history_messages=history)
+        await llm(
+            "What is the capital of France?", system_prompt="Be brief.", history_messages=history
+        )
     record = usage.snapshot()
     expected_in = count_tokens("What is the capital of France?\nBe brief.\nearlier question")
     assert record.llm_input_tokens == expected_in
@@ -101,12 +108,15 @@ async def test_no_usage_means_a_flagged_tiktoken_estimate() -> None:
     assert record.estimated is True and record.faults == ()
 
 
-@pytest.mark.parametrize("bad", [
-    {"prompt_tokens": -5, "completion_tokens": 3},
-    {"prompt_tokens": "many", "completion_tokens": 3},
-    {"prompt_tokens": 1.5, "completion_tokens": 3},
-    {"nothing": 1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prompt_tokens": -5, "completion_tokens": 3},
+        {"prompt_tokens": "many", "completion_tokens": 3},
+        {"prompt_tokens": 1.5, "completion_tokens": 3},
+        {"nothing": 1},
+    ],
+)
 async def test_malformed_provider_usage_is_marked_and_estimated(bad: dict[str, Any]) -> None:
     @tokmeter.metered("llm", model="gpt-4o")
     async def llm(prompt: str, token_tracker: Any = None) -> str:
@@ -135,8 +145,11 @@ async def test_unknown_model_is_marked(caplog: pytest.LogCaptureFixture) -> None
 async def test_streaming_counts_from_the_final_usage_chunk() -> None:
     class Chunk:
         def __init__(self, content: str | None, usage: Any = None) -> None:
-            self.choices = [type("C", (), {"delta": type("D", (), {"content": content})()})()] \
-                if content is not None else []
+            self.choices = (
+                [type("C", (), {"delta": type("D", (), {"content": content})()})()]
+                if content is not None
+                else []
+            )
             self.usage = usage
 
     @tokmeter.metered("llm", model="gpt-4o-mini")
@@ -145,6 +158,7 @@ async def test_streaming_counts_from_the_final_usage_chunk() -> None:
             for word in ("Hel", "lo ", "world"):
                 yield Chunk(word)
             yield Chunk(None, usage={"prompt_tokens": 17, "completion_tokens": 3})
+
         return gen()
 
     with tokmeter.scope("s") as usage:
@@ -162,6 +176,7 @@ async def test_streaming_text_without_usage_is_estimated_even_if_abandoned() -> 
         async def gen() -> Any:
             for word in ["one ", "two ", "three ", "four "]:
                 yield word
+
         return gen()
 
     with tokmeter.scope("s") as usage:
@@ -183,7 +198,10 @@ async def test_streaming_usage_reported_to_token_tracker_at_the_end() -> None:
         async def gen() -> Any:
             yield "a"
             yield "b"
-            token_tracker.add_usage({"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10})
+            token_tracker.add_usage(
+                {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
+            )
+
         return gen()
 
     with tokmeter.scope("s") as usage:

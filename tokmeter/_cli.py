@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "document's token usage. Uses offline demo models unless an "
                     "OpenAI-compatible endpoint is given.")
     demo.add_argument("--json", action="store_true",
-                      help="print a JSON list of {doc_id, file_path, status, track_id, token_usage}")
+                      help="print a JSON list of "
+                           "{doc_id, file_path, status, track_id, token_usage}")
     demo.add_argument("--workdir", help="LightRAG working_dir to keep (default: a temporary one)")
     real = demo.add_argument_group("real models (optional)")
     real.add_argument("--openai-base-url", help="OpenAI-compatible endpoint, e.g. http://host/v1")

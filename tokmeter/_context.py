@@ -65,7 +65,7 @@ def detach(token: contextvars.Token[UsageScope | None]) -> None:
     _current.reset(token)
 
 
-class scope:  # noqa: N801 - used like a function: ``with tokmeter.scope("x"):``
+class scope:
     """Open a usage accumulator for the code inside a ``with`` / ``async with`` block.
 
     Metered calls made inside (also in tasks and threads started with a copied

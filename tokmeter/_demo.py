@@ -31,7 +31,7 @@ DEMO_EMBEDDING_DIM = 64
 FAILURE_MARKER = "[[demo: model failure]]"
 
 _NAME = re.compile(r"\b[A-Z][a-z]{2,}(?:\s+[A-Z][a-z]{2,})*\b")
-_INPUT_SECTION = re.compile(r"---Input Text---\s*(.*?)(?:\n---[A-Z][^\n]*---|\Z)", re.S)
+_INPUT_SECTION = re.compile(r"---Input Text---\s*(.*?)(?:\n---[A-Z][^\n]*---|\Z)", re.DOTALL)
 _STOP = {"The", "This", "That", "Over", "Together", "Chapter", "Scanned", "Page", "Dr"}
 
 
@@ -59,22 +59,26 @@ async def demo_llm(
     names = names[:8]
     rows = [f"entity<|#|>{n}<|#|>Other<|#|>{n} is mentioned in the source text." for n in names]
     rows += [
-        f"relation<|#|>{a}<|#|>{b}<|#|>mentioned together<|#|>{a} and {b} appear in the same passage."
-        for a, b in zip(names, names[1:])
+        f"relation<|#|>{a}<|#|>{b}<|#|>mentioned together<|#|>"
+        f"{a} and {b} appear in the same passage."
+        for a, b in zip(names, names[1:], strict=False)
     ]
     rows.append("<|COMPLETE|>")
     answer = "\n".join(rows)
     if token_tracker is not None:
         read = "\n".join(
-            [prompt, system_prompt or ""] + [str(m.get("content", "")) for m in history_messages or []]
+            [prompt, system_prompt or ""]
+            + [str(m.get("content", "")) for m in history_messages or []]
         )
         prompt_tokens = count_tokens(read)
         completion_tokens = count_tokens(answer)
-        token_tracker.add_usage({
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        })
+        token_tracker.add_usage(
+            {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+        )
     await asyncio.sleep(0)
     return answer
 
@@ -90,10 +94,11 @@ async def demo_embed(texts: list[str], token_tracker: Any = None, **kwargs: Any)
         norm = float(np.linalg.norm(vectors[row]))
         if norm:
             vectors[row] /= norm
+    result: np.ndarray = vectors
     if token_tracker is not None:
         total = sum(count_tokens(t) for t in texts)
         token_tracker.add_usage({"prompt_tokens": total, "total_tokens": total})
-    return vectors
+    return result
 
 
 @attrs.define(frozen=True)
@@ -125,8 +130,9 @@ class ModelChoice:
     label: str = "OFFLINE DEMO MODELS (rule-based extractor + hashing embedder, no network)"
 
 
-def openai_compatible_models(base_url: str, llm_model: str, embedding_model: str,
-                             embedding_dim: int, api_key: str | None) -> ModelChoice:
+def openai_compatible_models(
+    base_url: str, llm_model: str, embedding_model: str, embedding_dim: int, api_key: str | None
+) -> ModelChoice:
     """Real models behind an OpenAI-compatible endpoint, through LightRAG's openai binding."""
     try:
         from lightrag.llm.openai import openai_complete_if_cache, openai_embed
@@ -137,24 +143,42 @@ def openai_compatible_models(base_url: str, llm_model: str, embedding_model: str
     key = api_key or os.environ.get("OPENAI_API_KEY") or "not-needed"
 
     @tokmeter.metered("llm", model=llm_model)
-    async def llm(prompt: str, system_prompt: str | None = None,
-                  history_messages: list[dict[str, Any]] | None = None,
-                  token_tracker: Any = None, **kwargs: Any) -> Any:
+    async def llm(
+        prompt: str,
+        system_prompt: str | None = None,
+        history_messages: list[dict[str, Any]] | None = None,
+        token_tracker: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         kwargs.pop("hashing_kv", None)
         return await openai_complete_if_cache(
-            llm_model, prompt, system_prompt=system_prompt, history_messages=history_messages,
-            base_url=base_url, api_key=key, token_tracker=token_tracker, **kwargs,
+            llm_model,
+            prompt,
+            system_prompt=system_prompt,
+            history_messages=history_messages,
+            base_url=base_url,
+            api_key=key,
+            token_tracker=token_tracker,
+            **kwargs,
         )
 
     @tokmeter.metered("embedding", model=embedding_model)
     async def embed(texts: list[str], token_tracker: Any = None, **kwargs: Any) -> np.ndarray:
-        return await openai_embed.func(
-            texts, model=embedding_model, base_url=base_url, api_key=key,
+        vectors: np.ndarray = await openai_embed.func(
+            texts,
+            model=embedding_model,
+            base_url=base_url,
+            api_key=key,
             token_tracker=token_tracker,
         )
+        return vectors
 
-    return ModelChoice(llm=llm, embed=embed, embedding_dim=embedding_dim,
-                       label=f"OpenAI-compatible endpoint {base_url} ({llm_model}, {embedding_model})")
+    return ModelChoice(
+        llm=llm,
+        embed=embed,
+        embedding_dim=embedding_dim,
+        label=f"OpenAI-compatible endpoint {base_url} ({llm_model}, {embedding_model})",
+    )
 
 
 class ProgressBar:
@@ -186,8 +210,13 @@ class ProgressBar:
             self.stream.flush()
 
 
-async def run_demo(workdir: Path, models: ModelChoice | None = None, *,
-                   progress: TextIO | None = sys.stderr, workspace: str = "demo") -> list[dict[str, Any]]:
+async def run_demo(
+    workdir: Path,
+    models: ModelChoice | None = None,
+    *,
+    progress: TextIO | None = sys.stderr,
+    workspace: str = "demo",
+) -> list[dict[str, Any]]:
     """Ingest the samples into a fresh LightRAG in ``workdir``; return one row per document."""
     from lightrag import LightRAG
     from lightrag.utils import EmbeddingFunc
@@ -198,8 +227,9 @@ async def run_demo(workdir: Path, models: ModelChoice | None = None, *,
         working_dir=str(workdir),
         workspace=workspace,
         llm_model_func=models.llm,
-        embedding_func=EmbeddingFunc(embedding_dim=models.embedding_dim, func=models.embed,
-                                     max_token_size=8192),
+        embedding_func=EmbeddingFunc(
+            embedding_dim=models.embedding_dim, func=models.embed, max_token_size=8192
+        ),
         max_parallel_insert=4,
         chunk_token_size=400,
         chunk_overlap_token_size=40,
@@ -208,16 +238,21 @@ async def run_demo(workdir: Path, models: ModelChoice | None = None, *,
     await rag.initialize_storages()
     try:
         bar = ProgressBar(len(docs), progress) if progress is not None else None
-        insert = asyncio.ensure_future(rag.ainsert(
-            [d.text for d in docs], ids=[d.doc_id for d in docs],
-            file_paths=[d.file_path for d in docs],
-        ))
+        insert = asyncio.ensure_future(
+            rag.ainsert(
+                [d.text for d in docs],
+                ids=[d.doc_id for d in docs],
+                file_paths=[d.file_path for d in docs],
+            )
+        )
         started = time.monotonic()
         while not insert.done():
             await asyncio.wait([insert], timeout=0.25)
             if bar is not None:
-                bar.update(await _finished_count(rag, [d.doc_id for d in docs]),
-                           f"({time.monotonic() - started:.1f} s)")
+                bar.update(
+                    await _finished_count(rag, [d.doc_id for d in docs]),
+                    f"({time.monotonic() - started:.1f} s)",
+                )
         track_id = insert.result()
         if bar is not None:
             bar.update(len(docs), f"({time.monotonic() - started:.1f} s)")
@@ -227,13 +262,15 @@ async def run_demo(workdir: Path, models: ModelChoice | None = None, *,
         for doc in docs:
             status = await rag.doc_status.get_by_id(doc.doc_id) or {}
             metadata = status.get("metadata") or {}
-            rows.append({
-                "doc_id": doc.doc_id,
-                "file_path": doc.file_path,
-                "status": str(getattr(status.get("status"), "value", status.get("status"))),
-                "track_id": status.get("track_id", track_id),
-                "token_usage": metadata.get("token_usage"),
-            })
+            rows.append(
+                {
+                    "doc_id": doc.doc_id,
+                    "file_path": doc.file_path,
+                    "status": str(getattr(status.get("status"), "value", status.get("status"))),
+                    "track_id": status.get("track_id", track_id),
+                    "token_usage": metadata.get("token_usage"),
+                }
+            )
         return rows
     finally:
         await rag.finalize_storages()
@@ -250,27 +287,43 @@ async def _finished_count(rag: Any, doc_ids: list[str]) -> int:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The per-document table and totals printed by ``tokmeter demo``."""
-    header = ("document", "status", "chunks", "llm in", "llm out", "embedding", "total", "estimated")
+    header = (
+        "document",
+        "status",
+        "chunks",
+        "llm in",
+        "llm out",
+        "embedding",
+        "total",
+        "estimated",
+    )
     lines: list[tuple[str, ...]] = [header]
     totals = [0, 0, 0, 0, 0]
     for row in rows:
         u = row.get("token_usage") or {}
-        figures = [u.get("total_chunks"), u.get("llm_input_tokens"), u.get("llm_output_tokens"),
-                   u.get("embedding_tokens"), u.get("total_tokens")]
+        figures = [
+            u.get("total_chunks"),
+            u.get("llm_input_tokens"),
+            u.get("llm_output_tokens"),
+            u.get("embedding_tokens"),
+            u.get("total_tokens"),
+        ]
         for i, value in enumerate(figures):
             totals[i] += value or 0
-        lines.append((
-            row["file_path"],
-            row["status"] + ("" if u.get("complete", True) else " (partial)"),
-            *("-" if v is None else f"{v:,}" for v in figures),
-            ("yes" if u.get("estimated") else "no") if u else "-",
-        ))
+        lines.append(
+            (
+                row["file_path"],
+                row["status"] + ("" if u.get("complete", True) else " (partial)"),
+                *("-" if v is None else f"{v:,}" for v in figures),
+                ("yes" if u.get("estimated") else "no") if u else "-",
+            )
+        )
     lines.append(("TOTAL", "", *(f"{v:,}" for v in totals), ""))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for n, line in enumerate(lines):
         cells = [line[0].ljust(widths[0]), line[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(line[2:7], widths[2:7])]
+        cells += [c.rjust(w) for c, w in zip(line[2:7], widths[2:7], strict=True)]
         cells.append(line[7].ljust(widths[7]))
         out.append("  ".join(cells).rstrip())
         if n == 0 or n == len(lines) - 2:

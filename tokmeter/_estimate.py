@@ -20,7 +20,7 @@ _warned_models: set[str] = set()
 _warn_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _encoding(name: str) -> tiktoken.Encoding:
     install_tiktoken_rank_files()
     return tiktoken.get_encoding(name)

@@ -188,11 +188,10 @@ class Instrumentation:
             if vdb is None:
                 continue
             self._patch(vdb, "upsert", self._wrap_vdb_upsert(vdb.upsert))
-            embedding_func = getattr(vdb, "embedding_func", None)
-            if embedding_func is not None and dataclasses.is_dataclass(embedding_func):
-                owned = dataclasses.replace(
-                    embedding_func, func=self._wrap_owner_lookup(embedding_func.func)
-                )
+            embedding_func: Any = getattr(vdb, "embedding_func", None)
+            inner: Any = getattr(embedding_func, "func", None)
+            if inner is not None and dataclasses.is_dataclass(embedding_func):  # EmbeddingFunc
+                owned = dataclasses.replace(embedding_func, func=self._wrap_owner_lookup(inner))  # type: ignore[type-var]
                 self._patch(vdb, "embedding_func", owned)
         cache = getattr(rag, "llm_response_cache", None)
         if cache is not None:
@@ -224,7 +223,9 @@ class Instrumentation:
         self._restore.append(restore)
 
     # -- wrappers -----------------------------------------------------------------
-    def _wrap_process(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _wrap_process(
+        self, original: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
         async def process_single_document(*args: Any, **kwargs: Any) -> Any:
             doc_id = kwargs.get("doc_id")
             if not isinstance(doc_id, str):
@@ -320,7 +321,9 @@ class Instrumentation:
 
         return upsert
 
-    def _wrap_owner_lookup(self, func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _wrap_owner_lookup(
+        self, func: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
         owners = self._owners
 
         async def embed_with_owners(*args: Any, **kwargs: Any) -> Any:
@@ -332,7 +335,9 @@ class Instrumentation:
 
         return embed_with_owners
 
-    def _wrap_cache_get(self, original: Callable[[str], Awaitable[Any]]) -> Callable[[str], Awaitable[Any]]:
+    def _wrap_cache_get(
+        self, original: Callable[[str], Awaitable[Any]]
+    ) -> Callable[[str], Awaitable[Any]]:
         async def get_by_id(id: str) -> Any:
             result = await original(id)
             if result:
@@ -344,7 +349,9 @@ class Instrumentation:
 
         return get_by_id
 
-    def _wrap_pipeline(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _wrap_pipeline(
+        self, original: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
         async def apipeline_process_enqueue_documents(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await original(*args, **kwargs)
@@ -356,7 +363,9 @@ class Instrumentation:
 
         return apipeline_process_enqueue_documents
 
-    def _wrap_finalize(self, original: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    def _wrap_finalize(
+        self, original: Callable[[], Awaitable[Any]]
+    ) -> Callable[[], Awaitable[Any]]:
         async def finalize_storages() -> Any:
             try:
                 await self.flush()
@@ -451,8 +460,9 @@ def instrument(rag: Any, *, store: UsageStore | None = None) -> Instrumentation:
     """
     existing = getattr(rag, _ATTR, None)
     if isinstance(existing, Instrumentation):
-        warnings.warn("tokmeter.instrument(): this LightRAG instance is already instrumented",
-                      stacklevel=2)
+        warnings.warn(
+            "tokmeter.instrument(): this LightRAG instance is already instrumented", stacklevel=2
+        )
         return existing
     check_lightrag_version()
     for needed in ("process_single_document", "doc_status", "finalize_storages"):
@@ -472,8 +482,9 @@ def uninstrument(rag: Any) -> None:
     """Stop metering a LightRAG instance (restores every patched attribute). Idempotent."""
     existing = getattr(rag, _ATTR, None)
     if not isinstance(existing, Instrumentation):
-        warnings.warn("tokmeter.uninstrument(): this LightRAG instance is not instrumented",
-                      stacklevel=2)
+        warnings.warn(
+            "tokmeter.uninstrument(): this LightRAG instance is not instrumented", stacklevel=2
+        )
         return
     existing.uninstall()
     object.__delattr__(rag, _ATTR)

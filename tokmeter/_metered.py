@@ -195,8 +195,13 @@ def current_usage_sink() -> ProviderUsage | None:
 class _Call:
     """Bookkeeping of one call of a metered function."""
 
-    def __init__(self, spec: MeterSpec, signature: inspect.Signature | None, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        spec: MeterSpec,
+        signature: inspect.Signature | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
         self.spec = spec
         self.signature = signature
         self.args = args
@@ -282,8 +287,14 @@ class _Call:
         return None
 
     # -- recording ------------------------------------------------------------
-    def record_llm(self, result: Any, output_text: str | None, *, failed: bool = False,
-                   stream_usage: Any = None) -> None:
+    def record_llm(
+        self,
+        result: Any,
+        output_text: str | None,
+        *,
+        failed: bool = False,
+        stream_usage: Any = None,
+    ) -> None:
         if self.recorded:
             return
         self.recorded = True
@@ -359,7 +370,7 @@ class _Call:
                 shares = count_tokens_batch(texts, encoding)
                 estimated = True
             per_scope: dict[int, tuple[UsageScope, int]] = {}
-            for owner, share in zip(owners, shares):
+            for owner, share in zip(owners, shares, strict=True):
                 held = per_scope.get(id(owner))
                 per_scope[id(owner)] = (owner, (held[1] if held else 0) + share)
             for owner, tokens in per_scope.values():
@@ -537,6 +548,7 @@ def metered(
         )
 
         if is_async:
+
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 call = _Call(spec, signature, args, kwargs)
@@ -552,6 +564,7 @@ def metered(
 
             wrapper: Callable[..., Any] = async_wrapper
         else:
+
             @functools.wraps(fn)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
                 call = _Call(spec, signature, args, kwargs)
@@ -600,4 +613,3 @@ def spec_of(fn: Any) -> MeterSpec | None:
         fn = getattr(fn, "func", None) or getattr(fn, "__wrapped__", None)
         seen += 1
     return None
-

@@ -54,13 +54,13 @@ def _rank_file_source(encoding: str) -> tuple[str, str]:
 
     constructor: Callable[[], Any] = getattr(public, encoding)
     original = public.load_tiktoken_bpe
-    public.load_tiktoken_bpe = capture  # type: ignore[assignment]
+    public.load_tiktoken_bpe = capture
     try:
         constructor()
     except _Captured:
         pass
     finally:
-        public.load_tiktoken_bpe = original  # type: ignore[assignment]
+        public.load_tiktoken_bpe = original
     return captured["blobpath"], captured["expected_hash"]
 
 

@@ -37,7 +37,7 @@ def remove_observer(observer: UsageObserver) -> None:
 def _tell_observers(
     scope: UsageScope, kind: str, model: str, inp: int | None, out: int | None, estimated: bool
 ) -> None:
-    for observer in list(_observers):
+    for observer in _observers:
         try:
             observer(scope, kind, model, inp, out, estimated)
         except Exception:  # an observer must never break metering

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 __all__ = [
-    "TokmeterError",
     "IncompatibleLightRAGError",
     "InstrumentationError",
+    "InvalidWorkspaceError",
     "StoreError",
     "StoreUnavailableError",
-    "InvalidWorkspaceError",
+    "TokmeterError",
     "UnknownWorkspaceError",
 ]
 
