@@ -217,6 +217,46 @@ class UsageStore(abc.ABC):
         """Whether the store holds any doc-status data for this workspace."""
         return await self._workspace_exists()
 
+    async def merge_usage_delta(
+        self, doc_id: str, delta: Mapping[str, Any] | UsageDelta, *, run_id: str | None = None
+    ) -> bool:
+        """Atomically add counts to a document's stored ``token_usage``.
+
+        For usage that arrives after the document's record was written (a failed
+        document's texts embedded later by a sibling's flush). ``delta`` holds
+        non-negative integers to add, for example::
+
+            await store.merge_usage_delta("doc-1", {
+                "embedding_tokens": 120, "embedding_calls": 1,
+                "models": {"text-embedding-3-small": {"kind": "embedding",
+                                                      "input_tokens": 120, "calls": 1}},
+            })
+
+        Keys are those of :data:`USAGE_DELTA_KEYS` plus ``models`` (per model:
+        :data:`MODEL_DELTA_KEYS`, and ``kind`` used when the model is new).
+        ``total_tokens`` and a model's ``tokens`` default to the sum of the token
+        counts given. A stored ``null`` (unknown) stays unknown. Other metadata
+        keys, and the record's ``run_id`` and ``revision``, are never touched.
+
+        Args:
+            doc_id: The document.
+            delta: The counts to add (or a parsed :class:`UsageDelta`).
+            run_id: If given, merge only when the stored record belongs to this run.
+
+        Returns:
+            Whether the delta was added (``False`` if the document, or its
+            ``token_usage``, does not exist, or ``run_id`` differs).
+        """
+        _check_id(doc_id, "doc_id")
+        if run_id is not None:
+            _check_id(run_id, "run_id")
+        parsed = delta if isinstance(delta, UsageDelta) else UsageDelta.parse(delta)
+        return await self._merge_delta(doc_id, parsed, run_id)
+
+    async def _merge_delta(self, doc_id: str, delta: UsageDelta, run_id: str | None) -> bool:
+        # Not abstract, so that stores written before deltas existed still load.
+        raise StoreError(f"the {self.backend} usage store cannot merge usage deltas")
+
     # -- backend hooks -----------------------------------------------------------
     @abc.abstractmethod
     async def _get(self, doc_id: str) -> DocumentUsage | None: ...
@@ -234,6 +274,119 @@ class UsageStore(abc.ABC):
 
     @abc.abstractmethod
     async def _workspace_exists(self) -> bool: ...
+
+
+#: Top-level ``token_usage`` counters :meth:`UsageStore.merge_usage_delta` can add to.
+USAGE_DELTA_KEYS: tuple[str, ...] = (
+    "llm_input_tokens", "llm_output_tokens", "llm_calls", "llm_cache_hits",
+    "embedding_tokens", "embedding_calls", "total_tokens",
+)
+#: Per-model counters (``models.<name>.*``) a delta can add to.
+MODEL_DELTA_KEYS: tuple[str, ...] = ("input_tokens", "output_tokens", "tokens", "calls")
+
+# Mongo stores int64; a larger count is a bug upstream, not usage.
+_MAX_DELTA = 2**62
+
+
+def _delta_count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_DELTA:
+        raise StoreError(f"{where} must be a non-negative integer, not {value!r}")
+    return value
+
+
+def _add_count(container: Mapping[str, Any], key: str, amount: int) -> Any:
+    """``container[key] + amount`` where null (unknown) stays null and a missing or
+    non-numeric value counts as 0. Every backend implements exactly this rule."""
+    if key in container and container[key] is None:
+        return None
+    current = container.get(key)
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        return current + amount
+    return amount
+
+
+@attrs.define(frozen=True)
+class ModelDelta:
+    """Counts to add to one model's entry in ``token_usage["models"]``."""
+
+    kind: Literal["llm", "embedding"] | None
+    counts: Mapping[str, int]
+
+
+@attrs.define(frozen=True)
+class UsageDelta:
+    """A validated usage delta (see :meth:`UsageStore.merge_usage_delta`)."""
+
+    counts: Mapping[str, int]
+    models: Mapping[str, ModelDelta] = attrs.field(factory=dict)
+
+    @classmethod
+    def parse(cls, delta: Mapping[str, Any]) -> UsageDelta:
+        """Validate a delta mapping; raises :class:`StoreError` saying what is wrong."""
+        if not isinstance(delta, Mapping):
+            raise StoreError(f"a usage delta must be a mapping, not {type(delta).__name__}")
+        allowed = (*USAGE_DELTA_KEYS, "models")
+        unknown = sorted(str(k) for k in delta if k not in allowed)
+        if unknown:
+            raise StoreError(
+                f"unknown usage delta key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        counts = {k: _delta_count(v, f"delta[{k!r}]") for k, v in delta.items() if k != "models"}
+        if "total_tokens" not in counts and any(
+            k in counts for k in ("llm_input_tokens", "llm_output_tokens", "embedding_tokens")
+        ):
+            counts["total_tokens"] = (counts.get("llm_input_tokens", 0)
+                                      + counts.get("llm_output_tokens", 0)
+                                      + counts.get("embedding_tokens", 0))
+        raw_models = delta.get("models") or {}
+        if not isinstance(raw_models, Mapping):
+            raise StoreError("delta['models'] must map model names to their counts")
+        models: dict[str, ModelDelta] = {}
+        for name, raw in raw_models.items():
+            if not isinstance(name, str) or not name:
+                raise StoreError(f"model names must be non-empty strings, not {name!r}")
+            if not isinstance(raw, Mapping):
+                raise StoreError(f"delta['models'][{name!r}] must be a mapping of counts")
+            unknown = sorted(str(k) for k in raw if k not in (*MODEL_DELTA_KEYS, "kind"))
+            if unknown:
+                raise StoreError(
+                    f"unknown key(s) {', '.join(map(repr, unknown))} in delta['models'][{name!r}]"
+                    f"; allowed: kind, {', '.join(MODEL_DELTA_KEYS)}"
+                )
+            kind = raw.get("kind")
+            if kind not in (None, "llm", "embedding"):
+                raise StoreError(
+                    f"delta['models'][{name!r}]['kind'] must be 'llm' or 'embedding', not {kind!r}"
+                )
+            model_counts = {k: _delta_count(v, f"delta['models'][{name!r}][{k!r}]")
+                            for k, v in raw.items() if k != "kind"}
+            if "tokens" not in model_counts and (
+                "input_tokens" in model_counts or "output_tokens" in model_counts
+            ):
+                model_counts["tokens"] = (model_counts.get("input_tokens", 0)
+                                          + model_counts.get("output_tokens", 0))
+            models[name] = ModelDelta(kind=kind, counts=model_counts)
+        return cls(counts=counts, models=models)
+
+    def apply(self, token_usage: Mapping[str, Any]) -> dict[str, Any]:
+        """Return ``token_usage`` with this delta added (the reference semantics)."""
+        merged = dict(token_usage)
+        for key, amount in self.counts.items():
+            merged[key] = _add_count(token_usage, key, amount)
+        if self.models:
+            stored = token_usage.get("models")
+            models = dict(stored) if isinstance(stored, Mapping) else {}
+            for name, model in self.models.items():
+                entry = models.get(name)
+                if not isinstance(entry, Mapping):
+                    entry = {"kind": model.kind or "llm", **dict.fromkeys(MODEL_DELTA_KEYS, 0)}
+                updated = dict(entry)
+                for key, amount in model.counts.items():
+                    updated[key] = _add_count(entry, key, amount)
+                models[name] = updated
+            merged["models"] = models
+        return merged
 
 
 def _check_id(value: Any, what: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from tokmeter.backends._base import (
     DocumentUsage,
+    UsageDelta,
     UsageStore,
     UsageTotals,
     day_of,
@@ -129,6 +130,30 @@ class JsonUsageStore(UsageStore):
             if int(stored.get("revision") or 0) >= record.revision:
                 return True
             metadata["token_usage"] = record.to_dict()
+            storage._data[doc_id] = {**row, "metadata": metadata}
+            await set_all_update_flags(storage.namespace, workspace=storage.workspace)
+        await storage.index_done_callback()
+        return True
+
+    async def _merge_delta(self, doc_id: str, delta: UsageDelta, run_id: str | None) -> bool:
+        await self.open()
+        from lightrag.kg.shared_storage import set_all_update_flags
+
+        storage = self._storage
+        # Read-modify-write under LightRAG's own lock is atomic for this process,
+        # the only writer a JSON store can have.
+        async with storage._storage_lock:
+            row = storage._data.get(doc_id)
+            if not isinstance(row, dict):
+                return False
+            metadata = row.get("metadata")
+            metadata = dict(metadata) if isinstance(metadata, dict) else {}
+            stored = metadata.get("token_usage")
+            if not isinstance(stored, dict):
+                return False
+            if run_id is not None and stored.get("run_id") != run_id:
+                return False
+            metadata["token_usage"] = delta.apply(stored)
             storage._data[doc_id] = {**row, "metadata": metadata}
             await set_all_update_flags(storage.namespace, workspace=storage.workspace)
         await storage.index_done_callback()

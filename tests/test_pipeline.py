@@ -92,6 +92,8 @@ async def test_failed_document_keeps_partial_usage(make_rag: Any) -> None:
     failed = docs[marker(2)]
     assert str(getattr(failed.status, "value", failed.status)) == "failed"
     record = usage[marker(2)]
+    # LightRAG's own metadata keys survive, also after late usage was merged in
+    assert {"process_start_time", "process_end_time"} <= set(failed.metadata)
     truth = models.llm_truth()[marker(2)]
     assert record["complete"] is False
     assert any("document failed" in f for f in record["faults"])

@@ -428,7 +428,10 @@ class Instrumentation:
                 await asyncio.sleep(_RETRY_DELAYS[attempt])
                 attempt += 1
                 continue
-            if not written:
+            if written:
+                logger.debug("tokmeter: wrote late usage of %s (revision %d)", doc_id,
+                             record.revision)
+            else:
                 logger.info(
                     "tokmeter: late usage of %s not written: the stored record belongs to "
                     "another processing run (document was reset or reprocessed)",
