@@ -74,3 +74,52 @@ def test_demo_refuses_a_used_workdir(tmp_path: Path) -> None:
 def test_help(args: list[str]) -> None:
     result = run_cli(*args)
     assert result.returncode == 0 and "usage: tokmeter" in result.stdout
+
+
+def test_usage_command_reads_and_aggregates_a_json_store(tmp_path: Path) -> None:
+    env = offline_env(tmp_path)
+    work = tmp_path / "work"
+    demo = run_cli("demo", "--json", "--workdir", str(work), env=env)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    rows = json.loads(demo.stdout)
+    track_id = rows[0]["track_id"]
+
+    listed = run_cli("usage", "--store", f"json:{work}", "--workspace", "demo",
+                     "--track-id", track_id, "--format", "json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    docs = {d["doc_id"]: d for d in json.loads(listed.stdout)}
+    assert {r["doc_id"]: r["token_usage"] for r in rows} == {
+        k: d["token_usage"] for k, d in docs.items()}
+
+    totals = run_cli("usage", "--store", f"json:{work}", "--workspace", "demo",
+                     "--format", "json", env=env)
+    (total,) = json.loads(totals.stdout)
+    assert total["documents"] == 5
+    assert total["total_tokens"] == sum(r["token_usage"]["total_tokens"] for r in rows)
+
+    by_model = run_cli("usage", "--store", f"json:{work}", "--workspace", "demo",
+                       "--group-by", "model", "--format", "csv", env=env)
+    lines = by_model.stdout.strip().splitlines()
+    assert lines[0].startswith("key,documents,")
+    assert {line.split(",")[0] for line in lines[1:]} == {
+        "tokmeter-demo-extractor", "tokmeter-demo-hash-embedder"}
+
+    table = run_cli("usage", "--store", f"json:{work}", "--workspace", "demo",
+                    "--group-by", "day", env=env)
+    assert table.returncode == 0 and "documents" in table.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--store", "json:/definitely/not/here"], 3, "does not exist"),
+    (["--store", "ftp://example"], 2, "unsupported store location"),
+    (["--store", "json:{work}", "--workspace", "nobody"], 4, "no LightRAG doc-status data"),
+    (["--store", "json:{work}", "--workspace", "../etc"], 2, "single path component"),
+    (["--store", "json:{work}", "--since", "yesterday"], 2, "not an ISO date"),
+])
+def test_usage_command_errors_are_clear(tmp_path: Path, args: list[str], code: int,
+                                        message: str) -> None:
+    (tmp_path / "work").mkdir()
+    args = [a.replace("{work}", str(tmp_path / "work")) for a in args]
+    result = run_cli("usage", *args)
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert message in result.stderr

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--embedding-dim", type=int, help="embedding vector size")
     real.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY)")
     demo.set_defaults(run=_demo)
+
+    from tokmeter._usage_cli import add_usage_command
+
+    add_usage_command(sub)
     from tokmeter._serve import add_serve_command
 
     add_serve_command(sub)
