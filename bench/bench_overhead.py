@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tokmeter  # noqa: E402
 from tests.scripted import ScriptedModels, document_text, marker  # noqa: E402
 
-
 _RUNS = itertools.count()
 
 
