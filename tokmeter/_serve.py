@@ -24,6 +24,7 @@ import contextvars
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
@@ -176,10 +177,10 @@ def meter_server_embedding(embedding_func: Any, *, binding: str | None) -> Any:
 
 
 # -- the LightRAG subclass -----------------------------------------------------------------
-def metered_lightrag_class(base: type) -> type:
+def metered_lightrag_class(base: Any) -> Any:
     """A subclass of ``base`` (``lightrag.LightRAG``) that meters and instruments itself."""
 
-    class MeteredLightRAG(base):  # type: ignore[valid-type, misc]
+    class MeteredLightRAG(base):  # type: ignore[misc]
         """LightRAG whose model functions are metered and whose documents carry usage.
 
         A plain subclass of the dataclass: it inherits the generated ``__init__``,
@@ -188,10 +189,11 @@ def metered_lightrag_class(base: type) -> type:
 
         def __post_init__(self, addon_params: Any) -> None:
             args = _server_args.get()
-            if self.embedding_func is not None:
+            embedding_func: Any = getattr(self, "embedding_func", None)
+            if embedding_func is not None:
                 try:
                     self.embedding_func = meter_server_embedding(
-                        self.embedding_func,
+                        embedding_func,
                         binding=getattr(args, "embedding_binding", None),
                     )
                 except Exception:
@@ -217,8 +219,9 @@ def metered_lightrag_class(base: type) -> type:
                 )
             except Exception:
                 logger.exception("tokmeter: could not meter the %s LLM role", role_name)
-            return super()._wrap_llm_role_func(role_name, raw_func, max_async, timeout,
-                                               model_kwargs)
+            wrapped: Callable[..., Any] = super()._wrap_llm_role_func(
+                role_name, raw_func, max_async, timeout, model_kwargs)
+            return wrapped
 
     MeteredLightRAG.__module__ = __name__
     return MeteredLightRAG
@@ -235,7 +238,7 @@ def install() -> None:
 
     if not getattr(server.LightRAG, "__tokmeter_metered__", False):
         cls = metered_lightrag_class(server.LightRAG)
-        cls.__tokmeter_metered__ = True  # type: ignore[attr-defined]
+        cls.__tokmeter_metered__ = True
         server.LightRAG = cls
     if getattr(server.create_app, "__tokmeter_metered__", False):
         return
@@ -295,6 +298,12 @@ def serve(argv: Sequence[str] = (), *, gunicorn: bool = False) -> int:
         argv = [a for a in argv if a != "--gunicorn"]
         gunicorn = True
     command = "serve-gunicorn" if gunicorn else "serve"
+    missing = [name for name in ("fastapi", "uvicorn", *(["gunicorn"] if gunicorn else []))
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"tokmeter {command}: LightRAG's API server needs {', '.join(missing)}; "
+              "install them with: pip install 'tokmeter[server]'", file=sys.stderr)
+        return 2
     if "-h" in argv or "--help" in argv:
         print(_HELP_PREFACE.format(command=command))
     _prepare_offline_tokenizers()

@@ -25,7 +25,7 @@ import logging
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 try:
     from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
@@ -59,7 +59,7 @@ logger = logging.getLogger("tokmeter")
 WORKSPACE_HEADER = "LIGHTRAG-WORKSPACE"
 
 #: A store, or a function (plain or async) returning one; called at the first request.
-StoreSource = Union[UsageStore, Callable[[], Union[UsageStore, Awaitable[UsageStore]]]]
+StoreSource: TypeAlias = UsageStore | Callable[[], UsageStore | Awaitable[UsageStore]]
 
 
 def configure_lightrag_api(args: Sequence[str] = ()) -> argparse.Namespace:
@@ -216,17 +216,20 @@ class _StoreHandle:
     def __init__(self, source: StoreSource) -> None:
         self._source = source
         self._store: UsageStore | None = source if isinstance(source, UsageStore) else None
+        self._opened = False
 
     async def get(self) -> UsageStore:
         if self._store is None:
-            made: Any = self._source()  # type: ignore[operator]
+            made: Any = self._source()
             if inspect.isawaitable(made):
                 made = await made
             if not isinstance(made, UsageStore):
                 raise StoreError(f"the usage store factory returned {type(made).__name__}, "
                                  "not a tokmeter UsageStore")
             self._store = made
-        await self._store.open()  # idempotent; retried while the store is unavailable
+        if not self._opened:  # retried at the next request while it fails
+            await self._store.open()
+            self._opened = True
         return self._store
 
 
@@ -306,8 +309,9 @@ def usage_router(
         except StoreUnavailableError as exc:
             raise HTTPException(status_code=503,
                                 detail=f"usage store unavailable: {exc}") from None
-        except StoreError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
+        except StoreError as exc:  # arguments are validated before: a store fault
+            logger.error("tokmeter: usage store error: %s", exc)
+            raise HTTPException(status_code=500, detail=f"usage store error: {exc}") from None
 
     @router.get("/documents/{doc_id}", response_model=DocumentUsageOut,
                 summary="Token usage of one document")
@@ -378,4 +382,4 @@ def usage_router(
 
 
 def _zero_totals() -> dict[str, Any]:
-    return UsageTotals(key=None).to_dict()
+    return dict(UsageTotals(key=None).to_dict())

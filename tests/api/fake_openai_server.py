@@ -13,7 +13,7 @@ Usage figures are real ``o200k_base`` counts of the request / response text, so 
 tests can compare what LightRAG's openai binding reported to tokmeter with what this
 server billed, document by document.
 
-Document markers look like ``tmk`` + 10 hex digits. A marker starting ``tmf`` marks a
+Document markers look like ``tmk`` + 10 hex digits (``tmq``: a query). A marker ``tmf...`` marks a
 document that must fail: its first chat request is answered, every later one gets an
 HTTP 500 (LightRAG's openai binding retries it, then the document fails).
 """
@@ -36,7 +36,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-MARKER = re.compile(r"tm[kf][0-9a-f]{10}", re.IGNORECASE)
+MARKER = re.compile(r"tm[kfq][0-9a-f]{10}", re.IGNORECASE)
 DIM = 64
 
 ENC = tiktoken.get_encoding("o200k_base")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -82,23 +83,22 @@ class ManagedProcess:
                 os.kill(self.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         for pid in kids:  # e.g. gunicorn workers, a multiprocessing manager
-            try:
-                os.kill(pid, 0)
-            except OSError:
-                continue
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except OSError:
-                    break
+            while not _gone(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            else:
-                try:
+            if not _gone(pid):
+                with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
         self._log.close()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        import psutil
+
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except Exception:  # psutil.NoSuchProcess: it has exited
+        return True
 
 
 def wait_until_up(process: ManagedProcess, url: str, timeout: float = 90) -> None:
