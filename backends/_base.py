@@ -394,6 +394,21 @@ def _check_id(value: Any, what: str) -> None:
         raise StoreError(f"{what} must be a non-empty string, not {value!r}")
 
 
+def model_totals(key: str, *, documents: int, embedding: bool, input_tokens: int,
+                 output_tokens: int, calls: int) -> UsageTotals:
+    """One ``group_by="model"`` row: an embedding model's input tokens are embedding tokens."""
+    return UsageTotals(
+        key=key,
+        documents=documents,
+        llm_input_tokens=0 if embedding else input_tokens,
+        llm_output_tokens=0 if embedding else output_tokens,
+        embedding_tokens=input_tokens if embedding else 0,
+        total_tokens=input_tokens + output_tokens,
+        llm_calls=0 if embedding else calls,
+        embedding_calls=calls if embedding else 0,
+    )
+
+
 def group_records(
     records: list[tuple[str | None, UsageRecord]], group_by: str | None
 ) -> list[UsageTotals]:
@@ -410,18 +425,8 @@ def group_records(
             t["in"] += usage.input_tokens or 0
             t["out"] += usage.output_tokens or 0
             t["calls"] += usage.calls
-    rows = []
-    for name in sorted(per_model):
-        t = per_model[name]
-        embedding = t["kind"] == "embedding"
-        rows.append(UsageTotals(
-            key=name,
-            documents=t["documents"],
-            llm_input_tokens=0 if embedding else t["in"],
-            llm_output_tokens=0 if embedding else t["out"],
-            embedding_tokens=t["in"] if embedding else 0,
-            total_tokens=t["in"] + t["out"],
-            llm_calls=0 if embedding else t["calls"],
-            embedding_calls=t["calls"] if embedding else 0,
-        ))
-    return rows
+    return [
+        model_totals(name, documents=t["documents"], embedding=t["kind"] == "embedding",
+                     input_tokens=t["in"], output_tokens=t["out"], calls=t["calls"])
+        for name, t in sorted(per_model.items())
+    ]

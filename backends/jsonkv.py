@@ -8,6 +8,7 @@ written by LightRAG's own atomic writer.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,35 +114,19 @@ class JsonUsageStore(UsageStore):
         rows = await self._rows()
         return [self._document(k, r) for k, r in rows if r.get("track_id") == track_id]
 
-    async def _write(self, doc_id: str, record: UsageRecord) -> bool:
+    async def _change_usage(
+        self, doc_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | bool]
+    ) -> bool:
+        """Replace a document's token_usage with ``change(stored)`` under LightRAG's lock.
+
+        ``change`` returns the new record, or a bool to leave the row alone and return
+        that. Read-modify-write under the storage's own lock is atomic for this
+        process, the only writer a JSON store can have.
+        """
         await self.open()
         from lightrag.kg.shared_storage import set_all_update_flags
 
         storage = self._storage
-        async with storage._storage_lock:
-            row = storage._data.get(doc_id)
-            if not isinstance(row, dict):
-                return False
-            metadata = row.get("metadata")
-            metadata = dict(metadata) if isinstance(metadata, dict) else {}
-            stored = metadata.get("token_usage")
-            if not isinstance(stored, dict) or stored.get("run_id") != record.run_id:
-                return False
-            if int(stored.get("revision") or 0) >= record.revision:
-                return True
-            metadata["token_usage"] = record.to_dict()
-            storage._data[doc_id] = {**row, "metadata": metadata}
-            await set_all_update_flags(storage.namespace, workspace=storage.workspace)
-        await storage.index_done_callback()
-        return True
-
-    async def _merge_delta(self, doc_id: str, delta: UsageDelta, run_id: str | None) -> bool:
-        await self.open()
-        from lightrag.kg.shared_storage import set_all_update_flags
-
-        storage = self._storage
-        # Read-modify-write under LightRAG's own lock is atomic for this process,
-        # the only writer a JSON store can have.
         async with storage._storage_lock:
             row = storage._data.get(doc_id)
             if not isinstance(row, dict):
@@ -151,13 +136,32 @@ class JsonUsageStore(UsageStore):
             stored = metadata.get("token_usage")
             if not isinstance(stored, dict):
                 return False
-            if run_id is not None and stored.get("run_id") != run_id:
-                return False
-            metadata["token_usage"] = delta.apply(stored)
+            changed = change(stored)
+            if isinstance(changed, bool):
+                return changed
+            metadata["token_usage"] = changed
             storage._data[doc_id] = {**row, "metadata": metadata}
             await set_all_update_flags(storage.namespace, workspace=storage.workspace)
         await storage.index_done_callback()
         return True
+
+    async def _write(self, doc_id: str, record: UsageRecord) -> bool:
+        def newer(stored: dict[str, Any]) -> dict[str, Any] | bool:
+            if stored.get("run_id") != record.run_id:
+                return False
+            if int(stored.get("revision") or 0) >= record.revision:
+                return True
+            return record.to_dict()
+
+        return await self._change_usage(doc_id, newer)
+
+    async def _merge_delta(self, doc_id: str, delta: UsageDelta, run_id: str | None) -> bool:
+        def added(stored: dict[str, Any]) -> dict[str, Any] | bool:
+            if run_id is not None and stored.get("run_id") != run_id:
+                return False
+            return delta.apply(stored)
+
+        return await self._change_usage(doc_id, added)
 
     async def _aggregate(self, since: int | None, until: int | None, group_by: str | None,
                          track_id: str | None) -> list[UsageTotals]:

@@ -26,6 +26,7 @@ from tokmeter.backends._base import (
     UsageDelta,
     UsageStore,
     UsageTotals,
+    model_totals,
     status_text,
     usage_from_metadata,
 )
@@ -466,17 +467,7 @@ _TOTALS: dict[str, Any] = {
 
 
 def _model_totals(row: dict[str, Any]) -> UsageTotals:
-    embedding = bool(row.get("embedding"))
-    tokens_in = int(row.get("input_tokens") or 0)
-    tokens_out = int(row.get("output_tokens") or 0)
-    calls = int(row.get("calls") or 0)
-    return UsageTotals(
-        key=row["_id"],
-        documents=int(row["documents"]),
-        llm_input_tokens=0 if embedding else tokens_in,
-        llm_output_tokens=0 if embedding else tokens_out,
-        embedding_tokens=tokens_in if embedding else 0,
-        total_tokens=tokens_in + tokens_out,
-        llm_calls=0 if embedding else calls,
-        embedding_calls=calls if embedding else 0,
-    )
+    return model_totals(
+        row["_id"], documents=int(row["documents"]), embedding=bool(row.get("embedding")),
+        input_tokens=int(row.get("input_tokens") or 0),
+        output_tokens=int(row.get("output_tokens") or 0), calls=int(row.get("calls") or 0))

@@ -24,6 +24,7 @@ from tokmeter.backends._base import (
     UsageDelta,
     UsageStore,
     UsageTotals,
+    model_totals,
     status_text,
     usage_from_metadata,
 )
@@ -447,17 +448,7 @@ class PostgresUsageStore(UsageStore):
 
 
 def _model_totals(row: Any) -> UsageTotals:
-    embedding = bool(row["embedding"])
-    tokens_in, tokens_out, calls = (
-        int(row["input_tokens"]), int(row["output_tokens"]), int(row["calls"])
-    )
-    return UsageTotals(
-        key=row["key"],
-        documents=int(row["documents"]),
-        llm_input_tokens=0 if embedding else tokens_in,
-        llm_output_tokens=0 if embedding else tokens_out,
-        embedding_tokens=tokens_in if embedding else 0,
-        total_tokens=tokens_in + tokens_out,
-        llm_calls=0 if embedding else calls,
-        embedding_calls=calls if embedding else 0,
-    )
+    return model_totals(
+        row["key"], documents=int(row["documents"]), embedding=bool(row["embedding"]),
+        input_tokens=int(row["input_tokens"]), output_tokens=int(row["output_tokens"]),
+        calls=int(row["calls"]))
