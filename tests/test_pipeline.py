@@ -232,3 +232,45 @@ async def test_metering_fault_never_breaks_ingestion(make_rag: Any, monkeypatch:
         record = status.metadata["token_usage"]
         assert record["complete"] is False
         assert any("tokenizer exploded" in f for f in record["faults"])
+
+
+async def test_queries_are_metered_to_the_query_tally_never_to_documents(make_rag: Any) -> None:
+    from lightrag import QueryParam
+
+    models = ScriptedModels()
+
+    async def streaming_llm(prompt: str, system_prompt: str | None = None,
+                            history_messages: Any = None, token_tracker: Any = None,
+                            stream: bool = False, **kwargs: Any) -> Any:
+        if not stream:
+            return await models.llm(prompt, system_prompt, history_messages, token_tracker)
+
+        async def chunks() -> Any:
+            for part in ("The answer ", "is ", "forty-two."):
+                yield part
+            token_tracker.add_usage({"prompt_tokens": 321, "completion_tokens": 4,
+                                     "total_tokens": 325})
+        return chunks()
+
+    llm = tokmeter.metered("llm", model="q-llm", encoding="o200k_base")(streaming_llm)
+    embed = tokmeter.metered("embedding", model="q-emb", encoding="o200k_base")(models.embed)
+    rag = await make_rag(llm, embed)
+    track_id = await ingest(rag, 3)
+    before = await usage_by_doc(rag, track_id)
+
+    answer = await rag.aquery("What does DOC001 plan?",
+                              param=QueryParam(mode="naive", stream=True))
+    text = "".join([part async for part in answer])
+    assert text == "The answer is forty-two."
+
+    queries = tokmeter.instrumentation_of(rag).query_usage()
+    assert (queries.llm_input_tokens, queries.llm_output_tokens) == (321, 4)
+    assert queries.estimated is False
+    assert queries.embedding_tokens > 0          # the query text was embedded
+    assert await usage_by_doc(rag, track_id) == before
+    assert tokmeter.unattributed_usage().total_tokens == 0
+
+    async with tokmeter.scope("my-report") as mine:  # a scope of the caller's wins
+        await rag.aquery("DOC002?", param=QueryParam(mode="naive", stream=False))
+    assert mine.snapshot().llm_calls == 1
+    assert tokmeter.instrumentation_of(rag).query_usage().llm_calls == 1

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 from tokmeter._context import attach, billing_scope, current_scope, detach, embedding_owners
-from tokmeter._record import UsageScope
+from tokmeter._record import UsageRecord, UsageScope
 from tokmeter.errors import IncompatibleLightRAGError, InstrumentationError
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ SUPPORTED_LIGHTRAG = ">=1.5,<1.6"
 _ATTR = "_tokmeter_instrumentation"
 _TERMINAL = {"processed", "failed"}
 _VDB_NAMES = ("chunks_vdb", "entities_vdb", "relationships_vdb")
+_QUERY_METHODS = ("aquery", "aquery_data", "aquery_llm")
 _RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0, 10.0)
 
 _selftest_lock = threading.Lock()
@@ -135,6 +136,8 @@ class Instrumentation:
         self._late_tasks: set[asyncio.Future[Any]] = set()
         self._undelivered: dict[str, UsageScope] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._queries = UsageScope("queries", "query")
+        self._queries.start()
 
     # -- public -----------------------------------------------------------------
     @property
@@ -145,6 +148,12 @@ class Instrumentation:
 
             self._store = store_for_rag(self.rag)
         return self._store
+
+    def query_usage(self) -> UsageRecord:
+        """Usage of this instance's queries (``aquery``, ``aquery_data``, ``aquery_llm``)
+        made outside any scope of yours, since :func:`instrument`. Never billed to a
+        document; streamed answers count when the stream ends."""
+        return self._queries.snapshot()
 
     def undelivered(self) -> dict[str, Any]:
         """Documents whose late usage could not be written yet: ``{doc_id: UsageRecord}``."""
@@ -197,6 +206,10 @@ class Instrumentation:
         if cache is not None:
             self._patch(cache, "get_by_id", self._wrap_cache_get(cache.get_by_id))
         self._patch(rag, "finalize_storages", self._wrap_finalize(rag.finalize_storages))
+        for name in _QUERY_METHODS:
+            method = getattr(rag, name, None)
+            if method is not None:
+                self._patch(rag, name, self._wrap_query(method))
         pipeline = getattr(rag, "apipeline_process_enqueue_documents", None)
         if pipeline is not None:
             self._patch(rag, "apipeline_process_enqueue_documents", self._wrap_pipeline(pipeline))
@@ -348,6 +361,19 @@ class Instrumentation:
             return result
 
         return get_by_id
+
+    def _wrap_query(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def query(*args: Any, **kwargs: Any) -> Any:
+            if current_scope() is not None:  # the caller's own scope wins
+                return await original(*args, **kwargs)
+            token = attach(self._queries)
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                detach(token)
+
+        query.__name__ = getattr(original, "__name__", "query")
+        return query
 
     def _wrap_pipeline(
         self, original: Callable[..., Awaitable[Any]]
