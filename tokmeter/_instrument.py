@@ -18,7 +18,9 @@ What is patched (instance attributes only; :func:`uninstrument` removes them):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
+import json
 import logging
 import threading
 import warnings
@@ -41,7 +43,8 @@ _ATTR = "_tokmeter_instrumentation"
 _TERMINAL = {"processed", "failed"}
 _VDB_NAMES = ("chunks_vdb", "entities_vdb", "relationships_vdb")
 _QUERY_METHODS = ("aquery", "aquery_data", "aquery_llm")
-_RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0, 10.0)
+#: Seconds to wait before each retry of a failed late write (then: kept, reported).
+RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0, 10.0)
 
 _selftest_lock = threading.Lock()
 _selftest_passed = False
@@ -136,6 +139,7 @@ class Instrumentation:
         self._late_tasks: set[asyncio.Future[Any]] = set()
         self._undelivered: dict[str, UsageScope] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.retry_delays: tuple[float, ...] = RETRY_DELAYS
         self._queries = UsageScope("queries", "query")
         self._queries.start()
 
@@ -189,6 +193,9 @@ class Instrumentation:
 
     # -- installing ---------------------------------------------------------------
     def install(self) -> None:
+        # Late usage still in memory at interpreter exit would vanish silently: report it.
+        atexit.register(self._report_unwritten_at_exit)
+        self._restore.append(lambda: atexit.unregister(self._report_unwritten_at_exit))
         rag = self.rag
         self._patch(rag, "process_single_document", self._wrap_process(rag.process_single_document))
         self._patch(rag.doc_status, "upsert", self._wrap_status_upsert(rag.doc_status.upsert))
@@ -402,6 +409,18 @@ class Instrumentation:
         return finalize_storages
 
     # -- late usage ---------------------------------------------------------------
+    def _report_unwritten_at_exit(self) -> None:
+        with self._late_lock:
+            left = {**self._late_pending, **self._undelivered}
+        for doc_id, usage in sorted(left.items()):
+            logger.error(
+                "tokmeter: the process exits with usage of %s not written to the store "
+                "(call `await instrumentation.flush()` or `rag.finalize_storages()` before "
+                "exiting); the record was: %s",
+                doc_id,
+                json.dumps(usage.snapshot().to_dict()),
+            )
+
     def _late_change(self, doc_id: str, usage: UsageScope) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -439,7 +458,7 @@ class Instrumentation:
             try:
                 written = await self.store.write_usage(doc_id, record)
             except Exception as exc:
-                if attempt >= len(_RETRY_DELAYS):
+                if attempt >= len(self.retry_delays):
                     with self._late_lock:
                         self._late_pending.pop(doc_id, None)
                         self._undelivered[doc_id] = usage
@@ -451,7 +470,7 @@ class Instrumentation:
                         exc,
                     )
                     return
-                await asyncio.sleep(_RETRY_DELAYS[attempt])
+                await asyncio.sleep(self.retry_delays[attempt])
                 attempt += 1
                 continue
             if written:
