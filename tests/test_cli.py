@@ -123,3 +123,45 @@ def test_usage_command_errors_are_clear(tmp_path: Path, args: list[str], code: i
     result = run_cli("usage", *args)
     assert result.returncode == code, (result.returncode, result.stderr)
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("store_kind", ["postgres", "mongo"])
+def test_usage_command_on_database_stores(store_kind: str, tmp_path: Path) -> None:
+    import uuid
+
+    from tests.conftest import require_server
+
+    location = require_server(store_kind)
+    workspace = f"cli{uuid.uuid4().hex[:10]}"
+    root = Path(__file__).resolve().parent.parent
+    job = subprocess.run([sys.executable, "-m", "tests.ingest_job", store_kind,
+                          str(tmp_path / "rag"), workspace], cwd=root, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert job.returncode == 0, job.stderr[-2000:]
+    written = json.loads(job.stdout.strip().splitlines()[-1])
+    extra = ["--database", os.environ.get("MONGO_DATABASE", "LightRAG")] \
+        if store_kind == "mongo" else []
+
+    listed = run_cli("usage", "--store", location, *extra, "--workspace", workspace,
+                     "--track-id", written["track_id"], "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert {d["doc_id"]: d["token_usage"] for d in json.loads(listed.stdout)} == written["usage"]
+
+    by_model = run_cli("usage", "--store", location, *extra, "--workspace", workspace,
+                       "--group-by", "model", "--format", "json")
+    rows = {r["key"]: r for r in json.loads(by_model.stdout)}
+    assert rows["m"]["llm_input_tokens"] == sum(
+        u["llm_input_tokens"] for u in written["usage"].values())
+    assert rows["e"]["embedding_tokens"] == sum(
+        u["embedding_tokens"] for u in written["usage"].values())
+
+    unknown = run_cli("usage", "--store", location, *extra, "--workspace", workspace + "x")
+    assert unknown.returncode == 4 and "no LightRAG doc-status data" in unknown.stderr
+
+
+@pytest.mark.parametrize("location", ["postgresql://u:secret@127.0.0.1:1/db",
+                                      "mongodb://127.0.0.1:1"])
+def test_usage_command_reports_an_unreachable_database(location: str) -> None:
+    result = run_cli("usage", "--store", location, "--workspace", "w", timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert "secret" not in result.stderr  # no password in the message
