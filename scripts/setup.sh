@@ -18,10 +18,17 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     echo "setup: installing tokmeter${extra:+[$extra]} and its dependencies (first run takes a few minutes)" >&2
     start=$(date +%s)
-    "$venv/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip >&2
+    log="$venv/setup.log"
     target="."
     [ -n "$extra" ] && target=".[$extra]"
-    "$venv/bin/python" -m pip install --disable-pip-version-check -q -e "$target" >&2
+    # pip's own chatter goes to a log; shown only when something fails
+    if ! { "$venv/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip &&
+           "$venv/bin/python" -m pip install --disable-pip-version-check -q -e "$target"; } \
+           > "$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        echo "setup: installing failed; full log: $log" >&2
+        exit 1
+    fi
     echo "$want" > "$stamp"
     echo "setup: done in $(( $(date +%s) - start )) s" >&2
 fi
