@@ -133,11 +133,15 @@ RETURNING 1
 
 # Metered documents of a workspace, filtered. $1 workspace, $2 track_id or NULL,
 # $3 since or NULL, $4 until or NULL (Unix seconds of processing_end_time).
-_PICKED = f"""
-WITH docs AS (
+# The totals queries read ~30 figures per row: without MATERIALIZED, PostgreSQL inlines
+# the CTE and detoasts ``metadata`` once per figure (measured 3.8 s vs 1 s for a total
+# over 100,000 documents). The per-model query expands ``models`` once per row and is
+# faster inlined.
+_PICKED_TEMPLATE = """
+WITH docs AS {materialized} (
     SELECT track_id, metadata -> 'token_usage' AS tu,
-           trunc({_number("metadata -> 'token_usage'", "processing_end_time")}) AS ended
-      FROM {TABLE}
+           trunc({ended}) AS ended
+      FROM {table}
      WHERE workspace = $1 AND jsonb_typeof(metadata -> 'token_usage') = 'object'
        AND ($2::text IS NULL OR track_id = $2)
 ), picked AS (
@@ -145,6 +149,9 @@ WITH docs AS (
      WHERE ($3::bigint IS NULL OR ended >= $3) AND ($4::bigint IS NULL OR ended < $4)
 )
 """
+_ENDED = _number("metadata -> 'token_usage'", "processing_end_time")
+_PICKED = _PICKED_TEMPLATE.format(materialized="", table=TABLE, ended=_ENDED)
+_PICKED_ONCE = _PICKED_TEMPLATE.format(materialized="MATERIALIZED", table=TABLE, ended=_ENDED)
 
 # Grouping keys: fixed SQL, chosen by name from this table (never built from input).
 _GROUP_KEYS = {
@@ -176,7 +183,7 @@ _TOTALS_COLUMNS = f"""
 """
 
 _AGGREGATE = {
-    group_by: f"{_PICKED} SELECT {key} AS key, {_TOTALS_COLUMNS} FROM picked GROUP BY 1"
+    group_by: f"{_PICKED_ONCE} SELECT {key} AS key, {_TOTALS_COLUMNS} FROM picked GROUP BY 1"
     for group_by, key in _GROUP_KEYS.items()
 }
 
