@@ -430,3 +430,31 @@ def group_records(
                      input_tokens=t["in"], output_tokens=t["out"], calls=t["calls"])
         for name, t in sorted(per_model.items())
     ]
+
+
+def aggregate_records(
+    rows: Iterable[tuple[str | None, UsageRecord | None]],
+    *,
+    since: int | None = None,
+    until: int | None = None,
+    group_by: str | None = None,
+    track_id: str | None = None,
+) -> list[UsageTotals]:
+    """``UsageStore.aggregate`` in Python over ``(track_id, record)`` pairs.
+
+    The rules every backend follows: records that are missing are skipped, the time
+    window applies to ``processing_end_time`` (``[since, until)``), days are UTC. The
+    JSON store (which has no query engine) aggregates with this.
+    """
+    picked: list[tuple[str | None, UsageRecord]] = []
+    for row_track, record in rows:
+        if record is None or (track_id is not None and row_track != track_id):
+            continue
+        end = record.processing_end_time
+        if since is not None and (end is None or end < since):
+            continue
+        if until is not None and (end is None or end >= until):
+            continue
+        key = day_of(end) if group_by == "day" else row_track if group_by == "track_id" else None
+        picked.append((key, record))
+    return group_records(picked, group_by)

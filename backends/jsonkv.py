@@ -17,8 +17,7 @@ from tokmeter.backends._base import (
     UsageDelta,
     UsageStore,
     UsageTotals,
-    day_of,
-    group_records,
+    aggregate_records,
     status_text,
     usage_from_metadata,
 )
@@ -165,25 +164,10 @@ class JsonUsageStore(UsageStore):
 
     async def _aggregate(self, since: int | None, until: int | None, group_by: str | None,
                          track_id: str | None) -> list[UsageTotals]:
-        picked: list[tuple[str | None, UsageRecord]] = []
-        for _, row in await self._rows():
-            record = usage_from_metadata(row.get("metadata"))
-            if record is None:
-                continue
-            if track_id is not None and row.get("track_id") != track_id:
-                continue
-            end = record.processing_end_time
-            if since is not None and (end is None or end < since):
-                continue
-            if until is not None and (end is None or end >= until):
-                continue
-            key: str | None = None
-            if group_by == "day":
-                key = day_of(end)
-            elif group_by == "track_id":
-                key = row.get("track_id")
-            picked.append((key, record))
-        return group_records(picked, group_by)
+        rows = [(row.get("track_id"), usage_from_metadata(row.get("metadata")))
+                for _, row in await self._rows()]
+        return aggregate_records(rows, since=since, until=until, group_by=group_by,
+                                 track_id=track_id)
 
     async def _workspace_exists(self) -> bool:
         if self._storage is not None and not self._owns_storage:

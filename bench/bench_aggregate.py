@@ -54,7 +54,7 @@ from tokmeter.backends import (
     UsageStore,
     UsageTotals,
 )
-from tokmeter.backends._base import day_of, group_records, usage_from_metadata
+from tokmeter.backends._base import aggregate_records, usage_from_metadata
 
 from tokmeter._record import ModelUsage, UsageRecord
 
@@ -237,27 +237,9 @@ def python_totals(
     return group_parsed(parsed, since=since, until=until, group_by=group_by, track_id=track_id)
 
 
-def group_parsed(
-    parsed: Iterable[tuple[str | None, UsageRecord | None]],
-    *,
-    since: int | None = None,
-    until: int | None = None,
-    group_by: str | None = None,
-    track_id: str | None = None,
-) -> list[UsageTotals]:
-    """:func:`python_totals` of rows whose token_usage is already parsed."""
-    picked: list[tuple[str | None, UsageRecord]] = []
-    for row_track, record in parsed:
-        if record is None or (track_id is not None and row_track != track_id):
-            continue
-        end = record.processing_end_time
-        if since is not None and (end is None or end < since):
-            continue
-        if until is not None and (end is None or end >= until):
-            continue
-        key = day_of(end) if group_by == "day" else row_track if group_by == "track_id" else None
-        picked.append((key, record))
-    return group_records(picked, group_by)
+# The reference the stores' results are checked against: the rules of UsageStore.aggregate
+# in Python (what the JSON store runs).
+group_parsed = aggregate_records
 
 
 def check(backend: str, query: str, got: list[UsageTotals], expected: list[UsageTotals]) -> None:
