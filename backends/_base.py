@@ -81,6 +81,17 @@ class UsageTotals:
         return attrs.asdict(self)
 
 
+#: The counted fields of :class:`UsageTotals`, in order (every field but ``key``).
+TOTAL_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in attrs.fields(UsageTotals) if f.name != "key"
+)
+
+
+def totals_from_row(key: str | None, row: Any) -> UsageTotals:
+    """A :class:`UsageTotals` from a database row holding every :data:`TOTAL_FIELDS` column."""
+    return UsageTotals(key=key, **{name: int(row[name] or 0) for name in TOTAL_FIELDS})
+
+
 def status_text(status: Any) -> str:
     return str(getattr(status, "value", status)).lower()
 
@@ -96,6 +107,19 @@ def usage_from_metadata(metadata: Any) -> UsageRecord | None:
         return UsageRecord.from_dict(raw)
     except (TypeError, ValueError):
         return None
+
+
+def document_from_row(doc_id: str, workspace: str, row: Mapping[str, Any],
+                      metadata: Any) -> DocumentUsage:
+    """A :class:`DocumentUsage` from a doc-status row of any store."""
+    return DocumentUsage(
+        doc_id=doc_id,
+        workspace=workspace,
+        status=status_text(row.get("status")),
+        track_id=row.get("track_id"),
+        file_path=row.get("file_path"),
+        usage=usage_from_metadata(metadata),
+    )
 
 
 def epoch(value: dt.datetime | float | None) -> int | None:
@@ -119,10 +143,7 @@ def sum_usage(rows: Iterable[tuple[str | None, UsageRecord]]) -> list[UsageTotal
     """Fold ``(key, record)`` pairs into totals per key, sorted by key."""
     acc: dict[str | None, dict[str, int]] = {}
     for key, record in rows:
-        t = acc.setdefault(key, dict.fromkeys(
-            ("documents", "llm_input_tokens", "llm_output_tokens", "embedding_tokens",
-             "total_tokens", "llm_calls", "embedding_calls", "llm_cache_hits",
-             "estimated_documents", "incomplete_documents"), 0))
+        t = acc.setdefault(key, dict.fromkeys(TOTAL_FIELDS, 0))
         t["documents"] += 1
         t["llm_input_tokens"] += record.llm_input_tokens or 0
         t["llm_output_tokens"] += record.llm_output_tokens or 0
@@ -211,7 +232,9 @@ class UsageStore(abc.ABC):
             )
         if track_id is not None:
             _check_id(track_id, "track_id")
-        return await self._aggregate(epoch(since), epoch(until), group_by, track_id)
+        totals = await self._aggregate(epoch(since), epoch(until), group_by, track_id)
+        # One order for every backend, so outputs compare across stores.
+        return sorted(totals, key=lambda t: str(t.key))
 
     async def workspace_exists(self) -> bool:
         """Whether the store holds any doc-status data for this workspace."""

@@ -18,7 +18,7 @@ from tokmeter.backends._base import (
     UsageStore,
     UsageTotals,
     aggregate_records,
-    status_text,
+    document_from_row,
     usage_from_metadata,
 )
 
@@ -95,14 +95,7 @@ class JsonUsageStore(UsageStore):
             return [(k, dict(v)) for k, v in storage._data.items() if isinstance(v, dict)]
 
     def _document(self, doc_id: str, row: dict[str, Any]) -> DocumentUsage:
-        return DocumentUsage(
-            doc_id=doc_id,
-            workspace=self.workspace,
-            status=status_text(row.get("status")),
-            track_id=row.get("track_id"),
-            file_path=row.get("file_path"),
-            usage=usage_from_metadata(row.get("metadata")),
-        )
+        return document_from_row(doc_id, self.workspace, row, row.get("metadata"))
 
     async def _get(self, doc_id: str) -> DocumentUsage | None:
         await self.open()

@@ -26,9 +26,9 @@ from tokmeter.backends._base import (
     UsageDelta,
     UsageStore,
     UsageTotals,
+    document_from_row,
     model_totals,
-    status_text,
-    usage_from_metadata,
+    totals_from_row,
 )
 
 from tokmeter._record import UsageRecord
@@ -304,14 +304,7 @@ class MongoUsageStore(UsageStore):
             ) from exc
 
     def _document(self, doc: dict[str, Any]) -> DocumentUsage:
-        return DocumentUsage(
-            doc_id=str(doc["_id"]),
-            workspace=self.workspace,
-            status=status_text(doc.get("status")),
-            track_id=doc.get("track_id"),
-            file_path=doc.get("file_path"),
-            usage=usage_from_metadata(doc.get("metadata")),
-        )
+        return document_from_row(str(doc["_id"]), self.workspace, doc, doc.get("metadata"))
 
     async def _get(self, doc_id: str) -> DocumentUsage | None:
         collection = await self._collection()
@@ -399,12 +392,8 @@ class MongoUsageStore(UsageStore):
                 {"$group": {"_id": _group_key(group_by), **_TOTALS}},
             ]
             rows = await self._run_pipeline(pipeline)
-            totals = [
-                UsageTotals(key=row["_id"], **{k: int(row[k] or 0) for k in _TOTALS})
-                for row in rows
-            ]
-        # Same order as the JSON store, so outputs compare across backends.
-        return sorted(totals, key=lambda t: str(t.key))
+            totals = [totals_from_row(row["_id"], row) for row in rows]
+        return totals
 
     async def _run_pipeline(self, pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
         collection = await self._collection()

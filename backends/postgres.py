@@ -24,9 +24,9 @@ from tokmeter.backends._base import (
     UsageDelta,
     UsageStore,
     UsageTotals,
+    document_from_row,
     model_totals,
-    status_text,
-    usage_from_metadata,
+    totals_from_row,
 )
 
 from tokmeter._record import UsageRecord
@@ -381,14 +381,7 @@ class PostgresUsageStore(UsageStore):
 
     def _document(self, row: Any) -> DocumentUsage:
         metadata = json.loads(row["metadata"]) if row["metadata"] is not None else None
-        return DocumentUsage(
-            doc_id=row["id"],
-            workspace=self.workspace,
-            status=status_text(row["status"]),
-            track_id=row["track_id"],
-            file_path=row["file_path"],
-            usage=usage_from_metadata(metadata),
-        )
+        return document_from_row(row["id"], self.workspace, dict(row), metadata)
 
     async def _get(self, doc_id: str) -> DocumentUsage | None:
         row = await self._fetchrow(_SELECT_DOC, self.table_workspace, doc_id)
@@ -436,18 +429,8 @@ class PostgresUsageStore(UsageStore):
             totals = [_model_totals(row) for row in rows]
         else:
             rows = await self._fetch(_AGGREGATE[group_by], *args)
-            totals = [
-                UsageTotals(key=row["key"], **{
-                    name: int(row[name]) for name in (
-                        "documents", "llm_input_tokens", "llm_output_tokens",
-                        "embedding_tokens", "total_tokens", "llm_calls", "embedding_calls",
-                        "llm_cache_hits", "estimated_documents", "incomplete_documents",
-                    )
-                })
-                for row in rows
-            ]
-        # Same order as the JSON store, so outputs compare across backends.
-        return sorted(totals, key=lambda t: str(t.key))
+            totals = [totals_from_row(row["key"], row) for row in rows]
+        return totals
 
     async def _workspace_exists(self) -> bool:
         row = await self._fetchrow(_WORKSPACE_EXISTS, self.table_workspace)

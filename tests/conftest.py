@@ -13,8 +13,6 @@ import pytest
 
 import tokmeter
 
-pytest_plugins: list[str] = []
-
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 #: doc-status stores the integration suite runs on

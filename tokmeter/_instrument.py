@@ -24,6 +24,7 @@ import json
 import logging
 import threading
 import warnings
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -133,6 +134,8 @@ class Instrumentation:
         self._store = store
         self._active: dict[str, UsageScope] = {}
         self._owners: dict[str, UsageScope] = {}
+        # document scopes whose record reached the store with LightRAG's terminal write
+        self._sealed: weakref.WeakSet[UsageScope] = weakref.WeakSet()
         self._restore: list[Callable[[], None]] = []
         self._late_lock = threading.Lock()
         self._late_pending: dict[str, UsageScope] = {}
@@ -260,7 +263,7 @@ class Instrumentation:
                 detach(token)
                 if self._active.get(doc_id) is usage:
                     del self._active[doc_id]
-                if getattr(usage, "_tokmeter_sealed", None) is None:
+                if usage not in self._sealed:
                     logger.info(
                         "tokmeter: %s left processing without a PROCESSED/FAILED write "
                         "(cancelled or superseded); its usage was not stored: %s",
@@ -274,7 +277,7 @@ class Instrumentation:
         self, original: Callable[[dict[str, dict[str, Any]]], Awaitable[None]]
     ) -> Callable[[dict[str, dict[str, Any]]], Awaitable[None]]:
         async def upsert(data: dict[str, dict[str, Any]]) -> None:
-            sealed: list[UsageScope] = []
+            stamped: list[tuple[UsageScope, int]] = []
             try:
                 for doc_id, payload in data.items():
                     usage = self._active.get(doc_id)
@@ -282,17 +285,17 @@ class Instrumentation:
                         continue
                     if _status_value(payload.get("status")) not in _TERMINAL:
                         continue
-                    self._stamp(usage, payload)
-                    sealed.append(usage)
+                    stamped.append((usage, self._stamp(usage, payload)))
             except Exception:  # never break LightRAG's own write
                 logger.exception("tokmeter: could not add token_usage to a status write")
             await original(data)
-            for usage in sealed:
-                self._seal(usage)
+            for usage, revision in stamped:
+                self._seal(usage, revision)
 
         return upsert
 
-    def _stamp(self, usage: UsageScope, payload: dict[str, Any]) -> None:
+    def _stamp(self, usage: UsageScope, payload: dict[str, Any]) -> int:
+        """Put the document's record into LightRAG's status payload; return its revision."""
         if _status_value(payload.get("status")) == "failed":
             error = str(payload.get("error_msg") or "unknown error")
             usage.mark_incomplete(f"document failed: {error[:300]}")
@@ -309,19 +312,20 @@ class Instrumentation:
         metadata["processing_start_time"] = record["processing_start_time"]
         metadata["processing_end_time"] = record["processing_end_time"]
         payload["metadata"] = metadata
-        usage._tokmeter_stamped = record["revision"]  # type: ignore[attr-defined]
+        return int(record["revision"])
 
-    def _seal(self, usage: UsageScope) -> None:
-        if getattr(usage, "_tokmeter_sealed", None) is not None:
+    def _seal(self, usage: UsageScope, stored_revision: int) -> None:
+        """The record of ``stored_revision`` is in the store: later changes are late usage."""
+        if usage in self._sealed:
             return
-        usage._tokmeter_sealed = usage._tokmeter_stamped  # type: ignore[attr-defined]
+        self._sealed.add(usage)
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
             pass
         doc_id = usage.doc_id or usage.name
         usage.on_change(lambda changed: self._late_change(doc_id, changed))
-        if usage.revision != usage._tokmeter_stamped:  # type: ignore[attr-defined]
+        if usage.revision != stored_revision:
             self._late_change(doc_id, usage)
 
     def _wrap_vdb_upsert(

@@ -209,12 +209,19 @@ class _Call:
         self.scope = billing_scope()
         self.owners = embedding_owners.get() if spec.kind == "embedding" else None
         self.recorded = False
+        self._arguments: Mapping[str, Any] | None = None
         self.sink: ProviderUsage = ProviderUsage(forward=kwargs.get("token_tracker"))
         if spec.passes_token_tracker:
             self.kwargs = {**kwargs, "token_tracker": self.sink}
 
     # -- inputs -------------------------------------------------------------
     def _bound(self) -> Mapping[str, Any]:
+        """The call's arguments by parameter name (bound once, on first need)."""
+        if self._arguments is None:
+            self._arguments = self._bind()
+        return self._arguments
+
+    def _bind(self) -> Mapping[str, Any]:
         if self.signature is None:
             return self.kwargs
         try:

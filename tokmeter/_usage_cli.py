@@ -11,6 +11,7 @@ import json
 import sys
 from typing import Any
 
+from tokmeter.backends._base import TOTAL_FIELDS
 from tokmeter.errors import StoreError, StoreUnavailableError, UnknownWorkspaceError
 
 EXIT_USAGE = 2
@@ -19,9 +20,7 @@ EXIT_UNKNOWN_WORKSPACE = 4
 
 DOC_COLUMNS = ("doc_id", "status", "file_path", "total_chunks", "llm_input_tokens",
                "llm_output_tokens", "embedding_tokens", "total_tokens", "estimated", "complete")
-TOTAL_COLUMNS = ("key", "documents", "llm_input_tokens", "llm_output_tokens", "embedding_tokens",
-                 "total_tokens", "llm_calls", "embedding_calls", "llm_cache_hits",
-                 "estimated_documents", "incomplete_documents")
+TOTAL_COLUMNS = ("key", *TOTAL_FIELDS)
 
 
 def add_usage_command(sub: Any) -> None:
